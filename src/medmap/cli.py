@@ -1,0 +1,66 @@
+"""The ``medmap`` command line. Sub-command groups live in ``cli_*.py`` modules and register here.
+
+User errors (:class:`medmap.errors.MedmapError`) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from medmap.errors import MedmapError
+
+app = typer.Typer(
+    name="medmap",
+    help="Map where a language model stores medical knowledge.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err_console = Console(stderr=True)
+
+
+def _register() -> None:
+    # Imported lazily so `medmap --help` stays fast and one broken group cannot hide the others.
+    import importlib
+
+    for mod in ("cli_core", "cli_concepts", "cli_represent", "cli_causal", "cli_map"):
+        try:
+            module = importlib.import_module(f"medmap.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name == f"medmap.{mod}":
+                continue
+            raise
+        module.register(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit code."""
+    _register()
+    try:
+        app(args=argv, standalone_mode=False)
+    except MedmapError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+        return e.exit_code
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        err_console.print("aborted")
+        return 130
+    except KeyboardInterrupt:
+        err_console.print("interrupted; run the same command again to resume")
+        return 130
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
