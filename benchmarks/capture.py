@@ -69,6 +69,13 @@ def main() -> None:
             for b in batches:
                 model.hf(**b, use_cache=False)
 
+    base_model = getattr(model.hf, model.hf.base_model_prefix)
+
+    def bare_base():
+        with torch.inference_mode():
+            for b in batches:
+                base_model(**b, use_cache=False)
+
     def hidden_states():
         with torch.inference_mode():
             for b in batches:
@@ -81,6 +88,7 @@ def main() -> None:
 
     results = {
         "bare forward": timed(bare, args.repeats),
+        "bare base (no LM head)": timed(bare_base, args.repeats),
         "output_hidden_states": timed(hidden_states, args.repeats),
         "medmap.capture": timed(medmap_capture, args.repeats),
     }
@@ -93,8 +101,11 @@ def main() -> None:
             for b in batches:
                 idx = b["attention_mask"].sum(-1) - 1
                 ar = torch.arange(len(idx))
+                # nnsight 0.8 defers the body: collect into a saved list, not a comprehension.
                 with nn_model.trace(**b, use_cache=False):
-                    saved = [layer.output[ar, idx].save() for layer in nn_model.model.layers]
+                    saved = list().save()
+                    for layer in nn_model.model.layers:
+                        saved.append(layer.output[ar, idx])
                 torch.stack(list(saved), 1)
 
         results["nnsight"] = timed(nnsight_capture, args.repeats)
