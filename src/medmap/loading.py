@@ -276,6 +276,7 @@ def load_model(
     device: str | torch.device | None = None,
     device_map: str | dict | None = None,
     max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
@@ -289,6 +290,7 @@ def load_model(
         device: single device to place the model on (default CPU).
         device_map / max_memory: passed to accelerate to shard a large model over GPUs/CPU/disk
             (``"auto"``, ``"balanced"`` or an explicit map); excludes ``device``.
+        offload_folder: where accelerate keeps weights mapped to ``"disk"``.
         allow_pickle: allow ``*.bin``/``*.pt`` checkpoints (unsafe: pickle can run code).
         trust_remote_code: allow model code from the checkpoint's repository.
         attn_implementation: e.g. ``"eager"`` or ``"sdpa"`` (transformers' default otherwise).
@@ -320,6 +322,8 @@ def load_model(
         kwargs["device_map"] = device_map
         if max_memory:
             kwargs["max_memory"] = max_memory
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
