@@ -120,3 +120,24 @@ def test_unwritable_output_dir(tmp_path):
             RunDir(bad).prepare({})
     finally:
         ro.chmod(0o700)
+
+
+def test_paper_configs_validate():
+    from pathlib import Path
+
+    paper = sorted(
+        p
+        for p in (Path(__file__).parents[1] / "configs" / "paper").glob("*.toml")
+        if p.name != "sweep.toml"
+    )
+    assert len(paper) == 5
+    models = set()
+    for f in paper:
+        cfg = build_config(preset_name="full", config_file=f)
+        assert cfg.dtype == "bfloat16" and cfg.device_map == "auto" and "cpu" in cfg.max_memory
+        models.add(cfg.model)
+    assert {
+        "meta-llama/Llama-3.3-70B-Instruct",
+        "google/gemma-3-27b-it",
+        "google/medgemma-27b-text-it",
+    } <= models

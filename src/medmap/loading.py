@@ -321,7 +321,8 @@ def load_model(
             raise ModelLoadError("give either device or device_map, not both")
         kwargs["device_map"] = device_map
         if max_memory:
-            kwargs["max_memory"] = max_memory
+            # TOML/JSON keys are strings; accelerate wants GPU indices as ints.
+            kwargs["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in max_memory.items()}
         if offload_folder is not None:
             kwargs["offload_folder"] = str(offload_folder)
     from transformers.utils import logging as hf_logging
