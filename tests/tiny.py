@@ -80,7 +80,6 @@ def make_hf(arch: str, n_layers: int = 3, seed: int = 0):
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config(arch, n_layers), attn_implementation="eager")
-    # Random init gives tiny activations; scale weights up a little so errors would show.
     return model.eval()
 
 

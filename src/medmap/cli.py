@@ -26,7 +26,7 @@ def _register() -> None:
     # Imported lazily so `medmap --help` stays fast and one broken group cannot hide the others.
     import importlib
 
-    for mod in ("cli_core", "cli_concepts", "cli_represent", "cli_causal", "cli_map"):
+    for mod in ("cli_core", "cli_concepts", "cli_represent", "cli_causal", "cli_map", "cli_report"):
         try:
             module = importlib.import_module(f"medmap.{mod}")
         except ModuleNotFoundError as e:

@@ -322,7 +322,9 @@ def load_model(
         kwargs["device_map"] = device_map
         if max_memory:
             # TOML/JSON keys are strings; accelerate wants GPU indices as ints.
-            kwargs["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in max_memory.items()}
+            kwargs["max_memory"] = {
+                int(k) if str(k).isdigit() else k: v for k, v in max_memory.items()
+            }
         if offload_folder is not None:
             kwargs["offload_folder"] = str(offload_folder)
     from transformers.utils import logging as hf_logging
@@ -364,6 +366,22 @@ def load_model(
         source=str(source),
         info={"load_seconds": time.perf_counter() - t0, "kind": kind, "weights_dir": str(path)},
     )
+
+
+def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False):
+    """The (fast) tokenizer of a model spec, without loading its weights."""
+    from transformers import AutoTokenizer
+
+    kind, path, name = _resolve(str(spec), allow_pickle=False)
+    if kind == "gguf":
+        path = convert_gguf(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the tokenizer of {name}: {type(e).__name__}") from e
+    if getattr(tok, "pad_token_id", None) is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def wrap_model(hf, tokenizer, name: str = "model") -> MedmapModel:

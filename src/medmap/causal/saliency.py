@@ -1,0 +1,449 @@
+"""Weight-gradient saliency: which weights the loss of a medical fact is most sensitive to.
+
+Loss of item ``i``: the negative log-likelihood (nats, summed over target tokens) of
+``targets[i]`` appended to ``prompts[i]`` (see :mod:`medmap.causal.targets`). One backward pass
+per item gives per-item gradients. Every parameter is assigned to a part of the model:
+
+* ``embedding`` (layer 0): the token embedding (and e.g. GPT-2's position embedding);
+* per block ``b`` (layer ``b + 1``): ``attention``, ``mlp``, ``norm`` (or ``other``) by the
+  parameter's name inside the block (``attn``/``attention`` → attention, ``mlp``/``feed_forward``/
+  ``ffn``/``moe``/``expert`` → mlp, ``norm``/``ln`` → norm; the first path component that matches
+  decides, so ``self_attn.q_norm`` counts as attention), plus ``block`` = the whole block;
+* ``final_norm`` and ``unembedding`` (layer -1).
+
+Tied weights (SmolLM2 and Gemma share the embedding and output matrix) are one tensor: it is
+reported once, as ``embedding``, and no ``unembedding`` row appears.
+
+Per item and part: ``grad_abs_mean`` = mean |∂L/∂w| over the part's weights, ``grad_x_weight_mean``
+= mean |w · ∂L/∂w|, and ``*_share`` = the part's sum divided by the sum over the whole model
+(distinct tensors counted once; the shares of embedding + blocks + final norm + unembedding +
+other sum to 1).
+
+Memory: each parameter's gradient is reduced to two sums by a post-accumulate-grad hook as soon
+as autograd has finished it, and freed at once (``p.grad = None``), so at most one parameter's
+gradient is alive (peak ≈ weights + activations + the largest single gradient instead of all of
+them). ``requires_grad`` is switched on for the pass and restored afterwards. Sums are float64
+and moved to the CPU, so models split with ``device_map`` work.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from medmap.activations import iter_batches
+from medmap.causal.cells import CellCache, cell_key, model_identity
+from medmap.causal.concept_io import concept_targets, set_name
+from medmap.causal.summary import mean_ci, relative_depth, specificity_ci
+from medmap.causal.targets import encode_targets, prediction_index
+from medmap.errors import MedmapError
+from medmap.progress import progress_bar
+from medmap.results import make_rows
+
+METRICS = ("grad_abs_mean", "grad_x_weight_mean", "grad_abs_share", "grad_x_weight_share")
+_CHUNK = 1 << 22  # elements per slice when reducing |g * w| of a large tensor
+
+
+def classify_block_param(name: str) -> str:
+    """Sub-module of a parameter named ``name`` relative to its block (see module docstring)."""
+    for comp in name.split(".")[:-1] or name.split("."):
+        c = comp.lower()
+        words = [w for w in re.split(r"[_\d]+", c) if w]
+        if "attn" in c or "attention" in c:
+            if "norm" in c or "ln" in words:  # e.g. post_attention_layernorm
+                return "norm"
+            return "attention"
+        if "norm" in c or "ln" in words:
+            return "norm"
+        if any(s in c for s in ("mlp", "feed_forward", "ffn", "moe", "expert")):
+            return "mlp"
+    return "other"
+
+
+@dataclass
+class ParamGroups:
+    """Each distinct parameter tensor's (layer, module) and the model's groups."""
+
+    params: list[torch.nn.Parameter]
+    names: list[str]
+    group_of: list[tuple[int, str]]
+    groups: list[tuple[int, str]] = field(default_factory=list)
+
+
+def param_groups(model) -> ParamGroups:
+    """Assign every distinct parameter of ``model.hf`` to ``(layer, module)`` (see docstring)."""
+    ad = model.adapter
+    where: dict[int, tuple[int, str]] = {}
+    for p in ad.embed.parameters():
+        where.setdefault(id(p), (0, "embedding"))
+    for i, blk in enumerate(ad.blocks):
+        for name, p in blk.named_parameters():
+            where.setdefault(id(p), (i + 1, classify_block_param(name)))
+    if ad.final_norm is not None:
+        for p in ad.final_norm.parameters():
+            where.setdefault(id(p), (-1, "final_norm"))
+    for p in ad.unembed.parameters():
+        where.setdefault(id(p), (-1, "unembedding"))
+    params, names, group_of = [], [], []
+    for name, p in model.hf.named_parameters():  # distinct tensors only (tied counted once)
+        g = where.get(id(p))
+        if g is None:
+            low = name.lower()
+            g = (
+                (0, "embedding")
+                if ("emb" in low or "wpe" in low or "wte" in low)
+                else (-1, "other")
+            )
+        params.append(p)
+        names.append(name)
+        group_of.append(g)
+    order = {
+        "embedding": 0,
+        "attention": 1,
+        "mlp": 2,
+        "norm": 3,
+        "other": 4,
+        "final_norm": 5,
+        "unembedding": 6,
+    }
+    groups = sorted(set(group_of), key=lambda g: (g[0] if g[0] >= 0 else 10**9, order[g[1]]))
+    return ParamGroups(params, names, group_of, groups)
+
+
+class _GradReducer:
+    """Post-accumulate-grad hooks that reduce each gradient to two float64 sums and free it."""
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        self.params = params
+        self.sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.live = 0
+        self.peak = 0
+        self._handles = []
+        for k, p in enumerate(params):
+            self._handles.append(p.register_post_accumulate_grad_hook(self._hook(k)))
+
+    def _hook(self, k: int):
+        def hook(p: torch.Tensor) -> None:
+            g = p.grad
+            nbytes = g.numel() * g.element_size()
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            with torch.no_grad():
+                sg = g.abs().sum(dtype=torch.float64)
+                gf, wf = g.reshape(-1), p.detach().reshape(-1)
+                sgw = torch.zeros((), dtype=torch.float64, device=g.device)
+                for s in range(0, gf.numel(), _CHUNK):
+                    sgw += (
+                        (gf[s : s + _CHUNK].float() * wf[s : s + _CHUNK].float())
+                        .abs()
+                        .sum(dtype=torch.float64)
+                    )
+            prev = self.sums.get(k)
+            self.sums[k] = (sg, sgw) if prev is None else (prev[0] + sg, prev[1] + sgw)
+            p.grad = None
+            self.live -= nbytes
+
+        return hook
+
+    def take(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-parameter sums of the last backward pass (zeros for unreached ones); resets."""
+        sg = np.zeros(len(self.params))
+        sgw = np.zeros(len(self.params))
+        for k, (a, b) in self.sums.items():
+            sg[k] = float(a.cpu())
+            sgw[k] = float(b.cpu())
+        self.sums = {}
+        return sg, sgw
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def item_loss(model, prompt: str, target: str) -> torch.Tensor:
+    """NLL (nats) of ``target`` after ``prompt``, summed over the target tokens (differentiable)."""
+    batch, spans = encode_targets(model.tokenizer, [prompt], [target], max_length=model.max_length)
+    _, cols, toks, _ = prediction_index(spans)
+    logits = model.hf(**batch.model_inputs(model.input_device), use_cache=False).logits[0]
+    logp = torch.log_softmax(logits[cols.to(logits.device)].float(), dim=-1)
+    return -logp.gather(1, toks.to(logp.device)[:, None]).sum()
+
+
+def saliency_items(
+    model,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    concept_set: str = "custom",
+    item_ids: Sequence[str] | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> pd.DataFrame:
+    """Per-item saliency: one row per (item, layer, module) with the four metrics.
+
+    Columns: ``model, concept_set, n_layers, item, item_id, loss, layer, module, numel,
+    grad_abs_sum, grad_x_weight_sum`` and :data:`METRICS`. ``df.attrs`` holds
+    ``peak_grad_bytes`` (most gradient bytes alive at once during the computed items) and
+    ``total_grad_bytes`` (all parameters' gradients, what a plain ``backward`` keeps).
+    ``batch_size`` items form one resumable cell (gradients are always per item).
+    """
+    if len(prompts) == 0:
+        raise MedmapError("no prompts given", hint="pass at least one prompt")
+    ids = [str(i) for i in range(len(prompts))] if item_ids is None else [str(x) for x in item_ids]
+    if len(ids) != len(prompts):
+        raise MedmapError(f"{len(ids)} item ids for {len(prompts)} prompts")
+    encode_targets(model.tokenizer, prompts, targets, max_length=model.max_length)  # validate
+    pg = param_groups(model)
+    gidx = {g: j for j, g in enumerate(pg.groups)}
+    member = np.array([gidx[g] for g in pg.group_of])
+    numel = np.array([p.numel() for p in pg.params], dtype=float)
+    g_numel = np.bincount(member, weights=numel, minlength=len(pg.groups))
+    block_of = np.array(
+        [
+            g[0] if g[1] not in ("embedding", "final_norm", "unembedding") and g[0] > 0 else -1
+            for g in pg.group_of
+        ]
+    )
+    cache = CellCache(cache_dir, "saliency")
+    ident = model_identity(model)
+    chunks = list(iter_batches(len(prompts), batch_size))
+    frames = []
+    flags = [p.requires_grad for p in pg.params]
+    reducer = None
+    peak = 0
+    try:
+        with progress_bar("saliency", total=len(prompts), enabled=progress) as advance:
+            for sl in chunks:
+                key = cell_key(
+                    technique="saliency",
+                    model=ident,
+                    concept_set=concept_set,
+                    prompts=list(prompts[sl]),
+                    targets=list(targets[sl]),
+                    ids=ids[sl],
+                )
+                df = cache.get(key)
+                if df is None:
+                    if reducer is None:
+                        for p in pg.params:
+                            p.grad = None
+                            p.requires_grad_(True)
+                        reducer = _GradReducer(pg.params)
+                    parts = []
+                    for i in range(sl.start, sl.stop):
+                        with torch.enable_grad():
+                            loss = item_loss(model, prompts[i], targets[i])
+                            loss.backward()
+                        sg, sgw = reducer.take()
+                        parts.append(
+                            _item_frame(
+                                i,
+                                ids[i],
+                                float(loss.detach().cpu()),
+                                sg,
+                                sgw,
+                                member,
+                                g_numel,
+                                block_of,
+                                pg.groups,
+                                numel,
+                            )
+                        )
+                        advance(1)
+                    df = pd.concat(parts, ignore_index=True)
+                    df.insert(0, "n_layers", model.n_layers)
+                    df.insert(0, "concept_set", concept_set)
+                    df.insert(0, "model", model.name)
+                    df = cache.put(key, df)
+                else:
+                    advance(sl.stop - sl.start)
+                frames.append(df)
+    finally:
+        if reducer is not None:
+            peak = reducer.peak
+            reducer.remove()
+            for p, f in zip(pg.params, flags):
+                p.grad = None
+                p.requires_grad_(f)
+    out = pd.concat(frames, ignore_index=True)
+    out.attrs["peak_grad_bytes"] = int(peak)
+    out.attrs["total_grad_bytes"] = int(sum(p.numel() * p.element_size() for p in pg.params))
+    return out
+
+
+def _item_frame(i, item_id, loss, sg, sgw, member, g_numel, block_of, groups, numel):
+    n_groups = len(groups)
+    gs = np.bincount(member, weights=sg, minlength=n_groups)
+    gws = np.bincount(member, weights=sgw, minlength=n_groups)
+    layers = [g[0] for g in groups]
+    modules = [g[1] for g in groups]
+    sums_g, sums_gw, counts = list(gs), list(gws), list(g_numel)
+    for b in sorted({x for x in block_of if x > 0}):
+        sel = block_of == b
+        layers.append(int(b))
+        modules.append("block")
+        sums_g.append(sg[sel].sum())
+        sums_gw.append(sgw[sel].sum())
+        counts.append(numel[sel].sum())
+    sums_g, sums_gw, counts = np.array(sums_g), np.array(sums_gw), np.array(counts)
+    tot_g, tot_gw = sg.sum(), sgw.sum()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        df = pd.DataFrame(
+            {
+                "item": i,
+                "item_id": item_id,
+                "loss": loss,
+                "layer": layers,
+                "module": modules,
+                "numel": counts.astype(np.int64),
+                "grad_abs_sum": sums_g,
+                "grad_x_weight_sum": sums_gw,
+                "grad_abs_mean": sums_g / counts,
+                "grad_x_weight_mean": sums_gw / counts,
+                "grad_abs_share": sums_g / tot_g if tot_g > 0 else np.nan,
+                "grad_x_weight_share": sums_gw / tot_gw if tot_gw > 0 else np.nan,
+            }
+        )
+    return df
+
+
+def saliency_summary(df: pd.DataFrame, *, n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
+    """Tidy rows from :func:`saliency_items`: mean over items with a bootstrap CI per part.
+
+    Technique ``saliency``; metrics :data:`METRICS`; extra column ``module``; ``layer`` = block
+    index + 1 for block parts, 0 for the embedding, -1 for final norm / unembedding / other
+    (their ``relative_depth`` is NaN).
+    """
+    rows = []
+    for (model, cset, n_layers, layer, module), g in df.groupby(
+        ["model", "concept_set", "n_layers", "layer", "module"], sort=False
+    ):
+        for metric in METRICS:
+            est, lo, hi, cnt = mean_ci(g[metric].to_numpy(), n_boot=n_boot, seed=seed)
+            rows.append(
+                {
+                    "model": model,
+                    "layer": int(layer),
+                    "relative_depth": relative_depth(int(layer), int(n_layers)),
+                    "concept_set": cset,
+                    "technique": "saliency",
+                    "metric": metric,
+                    "value": est,
+                    "ci_low": lo,
+                    "ci_high": hi,
+                    "n": cnt,
+                    "seed": seed,
+                    "module": module,
+                }
+            )
+    return make_rows(rows)
+
+
+def weight_saliency(
+    model,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    concept_set: str = "custom",
+    batch_size: int = 8,
+    n_boot: int = 200,
+    seed: int = 0,
+    progress: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> pd.DataFrame:
+    """Weight-gradient saliency of the target completions as tidy rows (see module docstring).
+
+    Per-item values come from :func:`saliency_items`; this aggregates them with
+    :func:`saliency_summary` (mean over items, percentile-bootstrap CI, ``n_boot`` resamples).
+    """
+    items = saliency_items(
+        model,
+        prompts,
+        targets,
+        concept_set=concept_set,
+        batch_size=batch_size,
+        progress=progress,
+        cache_dir=cache_dir,
+    )
+    out = saliency_summary(items, n_boot=n_boot, seed=seed)
+    out.attrs.update(items.attrs)
+    return out
+
+
+def saliency_specificity(
+    medical: pd.DataFrame,
+    control: pd.DataFrame,
+    *,
+    metric: str = "grad_x_weight_share",
+    module: str = "block",
+    kind: str = "difference",
+    n_boot: int = 200,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Medical minus control saliency per layer, from two :func:`saliency_items` frames.
+
+    Metric ``specificity_<metric>`` (label = ``kind``, concept_set ``<medical>-vs-<control>``),
+    two-sample bootstrap CI over items. ``kind="ratio"`` gives medical / control instead.
+    """
+    m = medical[medical["module"] == module]
+    c = control[control["module"] == module]
+    mname, cname = str(medical["concept_set"].iloc[0]), str(control["concept_set"].iloc[0])
+    rows = []
+    for layer, g in m.groupby("layer", sort=True):
+        cg = c[c["layer"] == layer]
+        if cg.empty:
+            continue
+        est, lo, hi = specificity_ci(
+            g[metric].to_numpy(), cg[metric].to_numpy(), kind=kind, n_boot=n_boot, seed=seed
+        )
+        rows.append(
+            {
+                "model": g["model"].iloc[0],
+                "layer": int(layer),
+                "relative_depth": relative_depth(int(layer), int(g["n_layers"].iloc[0])),
+                "concept_set": f"{mname}-vs-{cname}",
+                "technique": "saliency",
+                "metric": f"specificity_{metric}",
+                "label": kind,
+                "value": est,
+                "ci_low": lo,
+                "ci_high": hi,
+                "n": len(g) + len(cg),
+                "seed": seed,
+                "module": module,
+            }
+        )
+    return make_rows(rows)
+
+
+def weight_saliency_concepts(
+    model,
+    cs,
+    *,
+    max_items: int | None = None,
+    batch_size: int = 8,
+    n_boot: int = 200,
+    seed: int = 0,
+    progress: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> pd.DataFrame:
+    """:func:`weight_saliency` over a concept set's targets (first accepted answer)."""
+    ct = concept_targets(cs, max_items)
+    items = saliency_items(
+        model,
+        ct.prompts,
+        ct.targets,
+        concept_set=set_name(cs),
+        item_ids=ct.ids,
+        batch_size=batch_size,
+        progress=progress,
+        cache_dir=cache_dir,
+    )
+    return saliency_summary(items, n_boot=n_boot, seed=seed)

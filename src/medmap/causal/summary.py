@@ -1,0 +1,54 @@
+"""Aggregation shared by the causal techniques: per-item values → tidy rows with bootstrap CIs.
+
+Specificity compares a medical concept set with its control set: ``difference`` = mean(medical)
+− mean(control); ``ratio`` = mean(medical) / mean(control). The interval is a percentile
+bootstrap that resamples the two sets' items independently (seeded, deterministic).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medmap.errors import MedmapError
+from medmap.stats import bootstrap_ci
+
+
+def mean_ci(values, *, n_boot: int, seed: int) -> tuple[float, float, float, int]:
+    """``(mean, ci_low, ci_high, n)`` over the finite entries of ``values``."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return float("nan"), float("nan"), float("nan"), 0
+    est, lo, hi = bootstrap_ci(v, n_boot=n_boot, seed=seed)
+    return est, lo, hi, len(v)
+
+
+def specificity_ci(
+    medical, control, *, kind: str = "difference", n_boot: int = 200, seed: int = 0
+) -> tuple[float, float, float]:
+    """Medical effect relative to control effect, with a two-sample bootstrap interval."""
+    a = np.asarray(medical, dtype=float)
+    b = np.asarray(control, dtype=float)
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+    if len(a) == 0 or len(b) == 0:
+        raise MedmapError("specificity needs at least one medical and one control value")
+    if kind == "difference":
+        stat = lambda x, y: x.mean() - y.mean()
+    elif kind == "ratio":
+        stat = lambda x, y: x.mean() / y.mean() if y.mean() != 0 else np.nan
+    else:
+        raise MedmapError(f"unknown specificity kind {kind!r}", hint="use 'difference' or 'ratio'")
+    est = float(stat(a, b))
+    rng = np.random.default_rng(seed)
+    ia = rng.integers(0, len(a), size=(n_boot, len(a)))
+    ib = rng.integers(0, len(b), size=(n_boot, len(b)))
+    boots = np.array([stat(a[i], b[j]) for i, j in zip(ia, ib)], dtype=float)
+    if len(a) < 2 and len(b) < 2:
+        return est, est, est
+    lo, hi = np.nanquantile(boots, [0.025, 0.975])
+    return est, float(lo), float(hi)
+
+
+def relative_depth(layer: int, n_layers: int) -> float:
+    """``layer / n_layers``; NaN for whole-model / after-last-block figures (``layer == -1``)."""
+    return float("nan") if layer < 0 else layer / n_layers

@@ -1,0 +1,72 @@
+"""``medmap umap``: representation map (UMAP, cluster/probe scores, detectors) of one concept set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from medmap.errors import MedmapError
+
+console = Console(stderr=True)
+
+
+def umap_cmd(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="alias, local dir, .gguf or cached hub id")
+    ],
+    concepts: Annotated[str, typer.Option("--concepts", "-c", help="concept set name or file")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output directory")],
+    position: Annotated[str, typer.Option(help="concept | last")] = "concept",
+    max_items: Annotated[
+        int | None, typer.Option("--max-items", min=3, help="items of the set (stratified)")
+    ] = None,
+    max_templates: Annotated[
+        int | None, typer.Option("--max-templates", min=1, help="templates per item")
+    ] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    n_boot: Annotated[int, typer.Option("--n-boot", min=10, help="bootstrap resamples")] = 200,
+    no_umap: Annotated[bool, typer.Option("--no-umap", help="scores only, no UMAP")] = False,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16")] = None,
+) -> None:
+    """Per-layer UMAP and cluster/probe/detector scores; writes results.parquet, umap_coords.parquet."""
+    if position not in ("concept", "last"):
+        raise MedmapError(f"unknown position {position!r}", hint="use concept or last")
+    if out.exists() and not out.is_dir():
+        raise MedmapError(f"--out {out} is a file", hint="give a directory")
+    from medmap.concepts import load_concepts
+    from medmap.loading import load_model
+    from medmap.represent import representation_map
+    from medmap.results import write_parquet_atomic
+
+    cs = load_concepts(concepts)
+    m = load_model(model, dtype=dtype)
+    res = representation_map(
+        m,
+        cs,
+        position=position,
+        seed=seed,
+        max_items=max_items,
+        max_templates=max_templates,
+        n_boot=n_boot,
+        umap=not no_umap,
+        batch_size=batch_size,
+        progress=True,
+    )
+    write_parquet_atomic(res.table, out / "results.parquet")
+    coords = res.coords.copy()
+    if len(coords):
+        coords.insert(0, "concept_set", cs.name)
+        coords.insert(0, "model", m.name)
+    write_parquet_atomic(coords, out / "umap_coords.parquet")
+    console.print(
+        f"[bold green]done[/]: {out}/results.parquet ({len(res.table)} rows), "
+        f"{out}/umap_coords.parquet ({len(coords)} rows)"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("umap")(umap_cmd)
