@@ -64,7 +64,10 @@ def test_lesion_matches_skipblocks(model):
             row = df[(df["layer"] == layer) & (df["item"] == i)].iloc[0]
             np.testing.assert_allclose(
                 # batched (padded) vs single-prompt float32 matmuls differ by ~1e-5 nats
-                row["nll_lesioned"], _nll(lg, p, t, model.tokenizer), rtol=1e-4, atol=2e-4
+                row["nll_lesioned"],
+                _nll(lg, p, t, model.tokenizer),
+                rtol=1e-4,
+                atol=2e-4,
             )
     # the intact models know these facts better than after removing the first block
     first = df[df["layer"] == 1]

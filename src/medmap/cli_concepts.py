@@ -40,12 +40,14 @@ def list_cmd() -> None:
     from medmap.concepts import list_concepts, load_concepts
 
     t = Table("name", "family", "medical", "items", "prompts", "targets", "labels")
+    for col in t.columns[:6]:
+        col.no_wrap = True
     for name in list_concepts():
         cs = load_concepts(name)
         t.add_row(
             name,
             cs.family,
-            "yes" if cs.medical else f"control for {cs.control_for}",
+            "yes" if cs.medical else f"no ({cs.control_for})",
             str(len(cs.items)),
             str(sum(1 for _ in cs.render())),
             str(sum(1 for _ in cs.targets())),

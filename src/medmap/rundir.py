@@ -28,7 +28,7 @@ from medmap.results import write_parquet_atomic
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON via a temporary file and rename (never a half-written file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, default=str)
@@ -114,6 +114,19 @@ class RunDir:
                 )
         else:
             write_json_atomic(cfg_path, config)
+
+    def remove_orphans(self) -> int:
+        """Delete temporary files left by a killed run (call only while holding the lock)."""
+        import shutil
+
+        n = 0
+        for p in sorted(self.path.rglob("*.tmp"), key=lambda p: -len(p.parts)):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            n += 1
+        return n
 
     def cell_path(self, stage: str, cell: str) -> Path:
         return self.path / "parts" / stage / f"{cell}.parquet"

@@ -51,7 +51,9 @@ class ActivationStore:
         parent = self.out_dir.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", dir=parent))
+            self._tmp = Path(
+                tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".tmp", dir=parent)
+            )
         except OSError as e:
             raise MedmapError(f"output directory {parent} is not writable: {e.strerror}") from None
         self.shape = shape
