@@ -42,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except MedmapError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+        from rich.markup import escape
+
+        # one line however long (no wrapping at the console width); the message is not markup
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return e.exit_code
     except typer.Exit as e:
         return e.exit_code
@@ -55,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # click usage errors
         import click
 
-        if isinstance(e, click.exceptions.ClickException):
+        # typer >= 0.20 vendors click: its usage errors derive from typer.TyperException
+        usage = (click.exceptions.ClickException, typer.TyperException)
+        if isinstance(e, usage) and hasattr(e, "show"):
             e.show()
             return 2
         raise
