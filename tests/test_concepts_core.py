@@ -375,3 +375,16 @@ def test_knows_matches_plain_transformers(tmp_path):
     frac = known_fraction(df)
     assert frac.loc[0, "n"] == 3
     assert frac.loc[0, "known"] == pytest.approx(df.known.mean())
+
+
+def test_stratify_key_balances_subsets_on_the_named_label(tmp_path):
+    drugs = load_concepts("drugs")
+    assert drugs.stratify == "specialty"
+    specialties = set(drugs.label_values("specialty"))
+    sub = drugs.subset(len(specialties), seed=0)
+    assert set(sub.label_values("specialty")) == specialties  # one drug per specialty
+    bad = GOOD_YAML.replace("labels:\n", "stratify: dose\nlabels:\n", 1)
+    p = tmp_path / "strat.yaml"
+    p.write_text(bad, encoding="utf-8")
+    with pytest.raises(ConceptFileError, match="stratify: 'dose' is not a categorical label"):
+        load_file(p)

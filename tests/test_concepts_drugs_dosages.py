@@ -296,3 +296,27 @@ def test_loads_through_medmap_loader(sets, name):
     assert loaded.name == name
     assert [it.id for it in loaded.items] == [it["id"] for it in sets[name]["items"]]
     assert len(loaded.templates) == len(sets[name]["templates"])
+
+
+# Specialties whose drugs all sit in one ATC anatomical main group (first letter), so the label
+# and the code must agree: S sensory organs, N nervous system, J/P anti-infectives/antiparasitics.
+UNAMBIGUOUS_ATC_GROUP = {
+    "ophthalmology": {"S"},
+    "psychiatry": {"N"},
+    "infectious disease": {"J", "P"},
+}
+
+
+def test_atc_first_letter_agrees_with_unambiguous_specialty():
+    from medmap.concepts import load_concepts
+
+    cs = load_concepts("drugs")
+    seen = set()
+    for it in cs.items:
+        spec, code = it.labels["specialty"], it.labels["atc_code"]
+        if spec in UNAMBIGUOUS_ATC_GROUP:
+            seen.add(spec)
+            assert code[0] in UNAMBIGUOUS_ATC_GROUP[spec], (it.id, spec, code)
+        # the first letter of the ATC group label is the code's anatomical group
+        assert it.labels["atc_group"][0] == code[0], it.id
+    assert seen == set(UNAMBIGUOUS_ATC_GROUP)

@@ -279,3 +279,12 @@ def test_shared_template_bootstrap_cancels_template_shifts():
     feats.template_index = None
     boot_ind = template_bootstrap(feats, 20, np.random.default_rng(0))
     assert not np.allclose(boot_ind[:, 1:] - boot_ind[:, :-1], feats.z[1:] - feats.z[:-1])
+
+
+def test_collapse_ratio_all_nan_profile_is_nan_not_an_error():
+    from medmap.represent.detectors import collapse_ratio
+
+    ranks = np.array([[np.nan, np.nan, np.nan, np.nan, np.nan], [5.0, 4.0, 1.0, 2.0, 5.0]])
+    ratio, where = collapse_ratio(ranks, np.arange(5), 4)
+    assert np.isnan(ratio[0]) and np.isnan(where[0])
+    assert ratio[1] == pytest.approx(1.0 / 5.0) and where[1] == 2

@@ -223,7 +223,7 @@ def test_cli_umap_real(tmp_path):
             "--out",
             str(out),
             "--max-items",
-            "12",
+            "32",  # drugs subsets are balanced on 16 specialties: 2 per specialty
             "--max-templates",
             "1",
             "--n-boot",

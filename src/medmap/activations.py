@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
+from medmap.batching import run_with_backoff
 from medmap.errors import MedmapError
 from medmap.hooks import TraceBlocks, check_layers
 from medmap.progress import progress_bar
@@ -59,7 +60,8 @@ def capture(
             block 0 sees it; ``l`` = after block ``l``, before the final norm). ``None`` = all.
         position: ``"last"`` (last real token), ``"mean"`` (all real tokens), one character span
             ``(start, end)`` for all prompts, or one span per prompt; span tokens are averaged.
-        batch_size: prompts per forward pass. Padding never changes the values.
+        batch_size: prompts per forward pass. Padding never changes the values. Out of
+            memory halves it and retries the same prompts (:mod:`medmap.batching`).
         padding_side: ``"right"`` (default) or ``"left"``; position ids are set from the mask.
         out: if given, stream the activations into an on-disk store at this directory (see
             :mod:`medmap.store`) and return the read-only memmap.
@@ -90,7 +92,8 @@ def capture(
     device = model.input_device
     try:
         with progress_bar("capture", total=len(prompts), enabled=progress) as advance:
-            for sl in iter_batches(len(prompts), batch_size):
+
+            def run_batch(sl: slice) -> None:
                 batch = encode(model.tokenizer, prompts[sl], padding_side=padding_side)
                 w = position_weights(batch, _positions_for(position, sl))
                 buf: dict[int, torch.Tensor] = {}
@@ -102,7 +105,7 @@ def capture(
 
                 with torch.inference_mode(), TraceBlocks(model.adapter, layer_list, reduce=reduce):
                     _forward_blocks_only(model, batch.model_inputs(device), max(layer_list))
-                for layer, v in buf.items():
+                for layer, v in buf.items():  # in forward order: the first bad layer is named
                     arr = v.cpu().numpy()
                     if check_finite and not np.isfinite(arr).all():
                         raise MedmapError(
@@ -111,6 +114,9 @@ def capture(
                         )
                     result[sl, col[layer]] = arr
                 advance(sl.stop - sl.start)
+
+            # out of memory: the same prompts again in smaller batches (identical values)
+            run_with_backoff(run_batch, len(prompts), batch_size, what="prompt")
         if store is not None:
             store.__exit__(None, None, None)
             from medmap.store import open_store

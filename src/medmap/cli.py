@@ -40,12 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
     _register()
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, standalone_mode=False, prog_name="medmap")
     except MedmapError as e:
-        from rich.markup import escape
-
-        # one line however long (no wrapping at the console width); the message is not markup
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        _error_line(str(e))
         return e.exit_code
     except typer.Exit as e:
         return e.exit_code
@@ -61,10 +58,22 @@ def main(argv: list[str] | None = None) -> int:
         # typer >= 0.20 vendors click: its usage errors derive from typer.TyperException
         usage = (click.exceptions.ClickException, typer.TyperException)
         if isinstance(e, usage) and hasattr(e, "show"):
-            e.show()
+            if type(e).__name__ == "NoArgsIsHelpError" or not hasattr(e, "format_message"):
+                e.show()  # `medmap` alone prints the help
+            else:  # a bad option value, a missing option ...: one line like every user error
+                ctx = getattr(e, "ctx", None)
+                cmd = ctx.command_path if ctx is not None else "medmap"
+                _error_line(f"{e.format_message()} (see `{cmd} --help`)")
             return 2
         raise
     return 0
+
+
+def _error_line(message: str) -> None:
+    from rich.markup import escape
+
+    # one line however long (no wrapping at the console width); the message is not markup
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -43,8 +43,9 @@ def _write(out: Path, tidy, items) -> None:
 
 
 def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise MedmapError(f"output path {out} exists and is not a directory")
+    from medmap.outputs import check_out_dir
+
+    check_out_dir(out)
 
 
 def saliency(
@@ -128,11 +129,19 @@ def patch(
     dtype: DtypeOpt = None,
 ) -> None:
     """Activation patching between counterfactual pairs of a concept set, per layer and position."""
-    from medmap.causal.patching import concept_pairs, patch_summary
+    from medmap.causal.patching import POSITIONS, concept_pairs, patch_summary
     from medmap.causal.patching import patch as run_patch
 
     _check_out(out)
     pos = [p.strip() for p in positions.split(",") if p.strip()]
+    bad = [p for p in pos if p not in POSITIONS]
+    if bad or not pos:  # checked before the model loads
+        raise MedmapError(
+            f"unknown patch position {bad[0] if bad else positions!r}",
+            hint=f"use --positions with one or more of {', '.join(POSITIONS)}",
+        )
+    if direction not in ("denoise", "noise"):
+        raise MedmapError(f"unknown direction {direction!r}", hint="use denoise or noise")
     m, cs = _load(model, concepts, dtype)
     pairs = concept_pairs(m, cs, max_pairs=max_pairs, seed=seed)
     items = run_patch(

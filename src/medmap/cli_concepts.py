@@ -105,7 +105,7 @@ def pairs_cmd(
     from medmap.loading import load_tokenizer
 
     tok = load_tokenizer(model)
-    t = Table("set", "candidate pairs", "same token length", "kept %", title=f"tokenizer: {model}")
+    t = Table("set", "candidate pairs", "kept pairs", "kept %", title=f"tokenizer: {model}")
     for name in names or list_concepts():
         s = pair_survival(load_concepts(name), tok)
         pct = 100 * s["same_length"] / max(s["candidates"], 1)

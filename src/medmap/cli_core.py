@@ -64,11 +64,15 @@ def _read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[
     if prompts_file is not None:
         try:
             text = prompts_file.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise MedmapError(f"prompts file {prompts_file} does not exist") from None
+        except (FileNotFoundError, IsADirectoryError):
+            raise MedmapError(
+                f"prompts file {prompts_file} does not exist",
+                hint="give --prompts-file a text file with one prompt per line",
+            ) from None
         except UnicodeDecodeError as e:
             raise MedmapError(
-                f"prompts file {prompts_file} is not UTF-8 text (byte {e.start})"
+                f"prompts file {prompts_file} is not UTF-8 text (byte {e.start})",
+                hint="save the file as UTF-8",
             ) from None
         out += [line for line in text.splitlines() if line.strip()]
     if not out:
@@ -103,6 +107,7 @@ def capture_cmd(
     """Capture residual-stream activations of every layer and write them to an on-disk store."""
     from medmap.activations import capture
     from medmap.loading import load_model
+    from medmap.outputs import check_out_dir
 
     texts = _read_prompts(prompt, prompts_file)
     layer_list = None
@@ -111,10 +116,12 @@ def capture_cmd(
             layer_list = [int(x) for x in layers.split(",") if x.strip()]
         except ValueError:
             raise MedmapError(
-                f"--layers must be comma-separated integers, got {layers!r}"
+                f"--layers must be comma-separated integers, got {layers!r}",
+                hint="e.g. --layers 0,6,12 (0 = embeddings)",
             ) from None
     if position not in ("last", "mean"):
         raise MedmapError(f"unknown position {position!r}", hint="use last or mean")
+    check_out_dir(out)
     m = load_model(
         model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
     )

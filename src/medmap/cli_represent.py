@@ -35,8 +35,9 @@ def umap_cmd(
     """Per-layer UMAP and cluster/probe/detector scores; writes results.parquet, umap_coords.parquet."""
     if position not in ("concept", "last"):
         raise MedmapError(f"unknown position {position!r}", hint="use concept or last")
-    if out.exists() and not out.is_dir():
-        raise MedmapError(f"--out {out} is a file", hint="give a directory")
+    from medmap.outputs import check_out_dir
+
+    check_out_dir(out)
     from medmap.concepts import load_concepts
     from medmap.loading import load_model
     from medmap.represent import representation_map

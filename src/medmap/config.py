@@ -33,6 +33,12 @@ class RunConfig(BaseModel):
     max_templates: int | None = Field(
         default=None, ge=1, description="templates per item for representations"
     )
+    umap_max_items: int | None = Field(
+        default=None, ge=3, description="items per set for representation maps (None: max_items)"
+    )
+    max_targets: int | None = Field(
+        default=None, ge=1, description="targets per item for the causal techniques (first k)"
+    )
     position: Literal["concept", "last"] = "concept"
     umap: bool = True
     n_boot: int = Field(default=200, ge=10)
@@ -61,11 +67,16 @@ def _read_toml(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
+        raise ConfigError(
+            f"config file {path} does not exist", hint="check the path given to --config"
+        ) from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        raise ConfigError(
+            f"config file {path} is not valid TOML: {e}",
+            hint="fix the syntax (https://toml.io); keys are listed in docs/config.md",
+        ) from None
 
 
 def preset(name: str) -> dict[str, Any]:
@@ -87,13 +98,17 @@ def build_config(
     if config_file is not None:
         data.update(_read_toml(Path(config_file)))
         source = str(config_file)
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    data.update(given)
     try:
         return RunConfig(**data)
     except ValidationError as e:
         err = e.errors()[0]
         key = ".".join(str(x) for x in err["loc"]) or "config"
+        top = str(err["loc"][0]) if err["loc"] else ""
+        if top in given:
+            source = f"option --{top.replace('_', '-')}"
         kind = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         raise ConfigError(
-            f"{source}: {key!r}: {kind}", hint="see docs/config.md for the keys"
+            f"{source}: {key!r}: {kind}", hint="see docs/config.md for the keys and their types"
         ) from None

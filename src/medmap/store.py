@@ -12,6 +12,7 @@ leaves a half-written store behind under the final name.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from medmap.errors import MedmapError
+from medmap.outputs import write_error
 
 
 class ActivationStore:
@@ -55,13 +57,18 @@ class ActivationStore:
                 tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".tmp", dir=parent)
             )
         except OSError as e:
-            raise MedmapError(f"output directory {parent} is not writable: {e.strerror}") from None
+            raise write_error(e, self.out_dir) from None
         self.shape = shape
         self.meta = dict(meta)
         self.prompts = prompts
-        self.array = np.lib.format.open_memmap(
-            self._tmp / "activations.npy", mode="w+", dtype=np.float32, shape=shape
-        )
+        npy = self._tmp / "activations.npy"
+        try:
+            self.array = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float32, shape=shape)
+            _reserve(npy)
+        except OSError as e:
+            self.array = None
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            raise write_error(e, self.out_dir / npy.name) from None
 
     def write(self, start: int, values: np.ndarray) -> None:
         """Store rows ``start : start + len(values)``."""
@@ -72,19 +79,51 @@ class ActivationStore:
 
     def __exit__(self, exc_type, *_):
         if exc_type is not None:
-            del self.array
+            self.array = None
             shutil.rmtree(self._tmp, ignore_errors=True)
             return False
-        self.array.flush()
-        del self.array
-        manifest = {**self.meta, "shape": list(self.shape), "dtype": "float32", "complete": True}
-        if self.prompts is not None:
-            (self._tmp / "prompts.json").write_text(json.dumps(self.prompts, indent=1))
-        (self._tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if self.out_dir.exists():
-            self.out_dir.rmdir()  # empty (checked in __init__)
-        os.replace(self._tmp, self.out_dir)
+        if self.array is None:  # already finalised or discarded
+            return False
+        try:
+            self.array.flush()
+            self.array = None
+            manifest = {
+                **self.meta,
+                "shape": list(self.shape),
+                "dtype": "float32",
+                "complete": True,
+            }
+            if self.prompts is not None:
+                (self._tmp / "prompts.json").write_text(json.dumps(self.prompts, indent=1))
+            (self._tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            if self.out_dir.exists():
+                self.out_dir.rmdir()  # empty (checked in __init__)
+            os.replace(self._tmp, self.out_dir)
+        except OSError as e:
+            self.array = None
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            raise write_error(e, self.out_dir) from None
         return False
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the file's blocks now, so a full disk is an error here, not a crash later.
+
+    Writing into a sparse memory map on a full disk kills the process with SIGBUS; reserving the
+    space up front turns that into an ``OSError(ENOSPC)``. File systems without ``fallocate``
+    support are skipped.
+    """
+    if not hasattr(os, "posix_fallocate"):
+        return
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+    finally:
+        os.close(fd)
 
 
 def open_store(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:

@@ -360,13 +360,17 @@ def patch_summary(df: pd.DataFrame, *, n_boot: int = 200, seed: int = 0) -> pd.D
     return make_rows(rows)
 
 
+class NoPairsError(MedmapError):
+    """No counterfactual pair of a concept set survives the model's tokenizer."""
+
+
 def concept_pairs(model, cs, max_pairs: int = 32, seed: int = 0) -> dict[str, list]:
     """Counterfactual pairs of a concept set as the plain lists :func:`patch` takes."""
     from medmap.concepts import counterfactual_pairs
 
     pairs = list(counterfactual_pairs(cs, model.tokenizer, max_pairs=max_pairs, seed=seed))
     if not pairs:
-        raise MedmapError(
+        raise NoPairsError(
             f"concept set {getattr(cs, 'name', '?')!r} yields no counterfactual pairs",
             hint="pairs need two items sharing a target id, disjoint answers and equal token length",
         )

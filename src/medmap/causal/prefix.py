@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from medmap.errors import MedmapError
 from medmap.hooks import block_input, block_output, with_block_input
 
 # Keyword names that are known to be batch-major when their first dimension equals the batch
@@ -57,11 +58,15 @@ class Recording:
         return self.inputs[layer]
 
 
-def record(model, inputs: dict[str, torch.Tensor], *, upto: int | None = None) -> Recording:
+def record(
+    model, inputs: dict[str, torch.Tensor], *, upto: int | None = None, check_finite: bool = True
+) -> Recording:
     """Run the base model (no LM head) once and record every block's input and call arguments.
 
     ``upto``: stop after recording block ``upto``'s input (saves the rest of the pass; then
-    ``inputs`` has ``upto + 1`` entries). Runs without gradients.
+    ``inputs`` has ``upto + 1`` entries). Runs without gradients. ``check_finite``: raise a
+    :class:`~medmap.errors.MedmapError` naming the first residual layer whose real (unpadded)
+    tokens hold NaN/inf, e.g. after a float16 overflow.
     """
     adapter = model.adapter
     n = adapter.n_layers
@@ -96,7 +101,24 @@ def record(model, inputs: dict[str, torch.Tensor], *, upto: int | None = None) -
         for h in handles:
             h.remove()
     batch = inputs["input_ids"].shape[0]
+    if check_finite:
+        check_finite_layers(inputs_[: last + 1], inputs.get("attention_mask"))
     return Recording(inputs=inputs_[: last + 1], calls=calls[: min(last + 1, n)], batch_size=batch)
+
+
+def check_finite_layers(
+    hidden: Sequence[torch.Tensor | None], attention_mask: torch.Tensor | None = None
+) -> None:
+    """Raise :class:`MedmapError` naming the first residual layer with NaN/inf at a real token."""
+    for layer, h in enumerate(hidden):
+        if h is None:
+            continue
+        real = h if attention_mask is None else h[attention_mask.to(h.device).bool()]
+        if not bool(torch.isfinite(real).all()):
+            raise MedmapError(
+                f"non-finite activations (NaN/inf) at layer {layer}",
+                hint="fp16 overflow is the usual cause: load the model with dtype=bfloat16 or float32",
+            )
 
 
 def _param_names(block) -> list[str]:

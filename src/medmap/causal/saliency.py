@@ -175,6 +175,18 @@ def item_loss(model, prompt: str, target: str) -> torch.Tensor:
     return -logp.gather(1, toks.to(logp.device)[:, None]).sum()
 
 
+def _nonfinite_loss(model, prompt: str, target: str, i: int) -> None:
+    """Raise a one-line error for a NaN/inf loss, naming the first non-finite layer if any."""
+    from medmap.causal.prefix import record
+
+    batch, _ = encode_targets(model.tokenizer, [prompt], [target], max_length=model.max_length)
+    record(model, batch.model_inputs(model.input_device))  # raises naming the layer
+    raise MedmapError(
+        f"non-finite loss (NaN/inf) for item {i} after the last layer (final norm or unembedding)",
+        hint="fp16 overflow is the usual cause: load the model with dtype=bfloat16 or float32",
+    )
+
+
 def saliency_items(
     model,
     prompts: Sequence[str],
@@ -240,6 +252,8 @@ def saliency_items(
                     for i in range(sl.start, sl.stop):
                         with torch.enable_grad():
                             loss = item_loss(model, prompts[i], targets[i])
+                            if not bool(torch.isfinite(loss)):
+                                _nonfinite_loss(model, prompts[i], targets[i], i)
                             loss.backward()
                         sg, sgw = reducer.take()
                         parts.append(

@@ -27,7 +27,12 @@ def _first_rank(logits: torch.Tensor, spans) -> torch.Tensor:
 
 
 def score_answers(
-    model, prompts: Sequence[str], answers: Sequence[str], *, batch_size: int = 16
+    model,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    batch_size: int = 16,
+    advance=None,
 ) -> pd.DataFrame:
     """Per (prompt, answer): ``logprob`` (nats, summed over answer tokens), ``n_tokens`` and the
     ``rank`` of the answer's first token (0 = the model's top prediction)."""
@@ -50,6 +55,8 @@ def score_answers(
                     "rank": int(rank[i]),
                 }
             )
+        if advance is not None:
+            advance(1)
     return pd.DataFrame(out)
 
 
@@ -80,14 +87,15 @@ def knows(
         keep = {t.item_index for t in targets if t.item_index < max_items}
         targets = [t for t in targets if t.item_index in keep]
     flat = [(ti, a) for ti, t in enumerate(targets) for a in t.answers]
-    with progress_bar("knows", total=1, enabled=progress) as advance:
+    n_batches = -(-len(flat) // batch_size)
+    with progress_bar(f"knows {cs.name}", total=n_batches, enabled=progress) as advance:
         scores = score_answers(
             model,
             [targets[ti].prompt for ti, _ in flat],
             [a for _, a in flat],
             batch_size=batch_size,
+            advance=advance,
         )
-        advance(1)
     scores["target"] = [ti for ti, _ in flat]
     scores["answer"] = [a for _, a in flat]
     scores["per_token"] = scores["logprob"] / scores["n_tokens"]

@@ -304,7 +304,9 @@ def _validate(path: Path, data: dict[str, Any], lines: list[int], where: str) ->
     try:
         return ConceptSet.model_validate(data)
     except ValidationError as e:
-        raise ConceptFileError(_message(path, e, lines, where)) from None
+        raise ConceptFileError(
+            _message(path, e, lines, where), hint="the rules are in docs/concept-format.md"
+        ) from None
 
 
 def _message(path: Path, e: ValidationError, lines: list[int], where: str) -> str:

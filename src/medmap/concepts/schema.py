@@ -179,6 +179,9 @@ class ConceptSet(BaseModel):
     medical: bool
     description: str = ""
     control_for: str | None = None
+    stratify: str | None = Field(
+        default=None, description="categorical label that subsets are balanced on"
+    )
     labels: dict[str, LabelSpec] = Field(default_factory=dict)
     templates: list[str] = Field(default_factory=list)
     items: list[ConceptItem] = Field(min_length=1)
@@ -193,6 +196,10 @@ class ConceptSet(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> ConceptSet:
         names = set(self.labels)
+        if self.stratify is not None and (
+            self.stratify not in self.labels or self.labels[self.stratify].kind != "categorical"
+        ):
+            raise ValueError(f"stratify: {self.stratify!r} is not a categorical label of the set")
         for t in self.templates:
             check_template(t, names)
         for name, spec in self.labels.items():
@@ -205,12 +212,16 @@ class ConceptSet(BaseModel):
         for i, it in enumerate(self.items):
             where = f"item {i + 1} ({it.id!r})"
             if it.id in seen_id:
-                raise ValueError(f"{where}: duplicate item id (also item {seen_id[it.id] + 1})")
+                raise ValueError(
+                    f"{where}: duplicate item id (also item {seen_id[it.id] + 1}); "
+                    "give every item its own id"
+                )
             seen_id[it.id] = i
             key = it.concept.casefold()
             if key in seen_concept:
                 raise ValueError(
-                    f"{where}: duplicate concept {it.concept!r} (also item {seen_concept[key] + 1})"
+                    f"{where}: duplicate concept {it.concept!r} (also item {seen_concept[key] + 1}); "
+                    "list each concept once"
                 )
             seen_concept[key] = i
             missing = names - set(it.labels)
@@ -300,7 +311,10 @@ class ConceptSet(BaseModel):
                 yield RenderedTarget(it.id, i, t.id, prompt, span, tuple(t.answers))
 
     def stratify_label(self) -> str | None:
-        """The label a subset is balanced on: ``series`` if present, else the first categorical."""
+        """The label a subset is balanced on: ``stratify`` if set, ``series`` if present, else
+        the first categorical label."""
+        if self.stratify is not None:
+            return self.stratify
         if "series" in self.labels:
             return "series"
         return next((n for n, s in self.labels.items() if s.kind == "categorical"), None)

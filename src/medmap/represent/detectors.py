@@ -358,13 +358,17 @@ def collapse_ratio(
     if len(inter) == 0:
         nanv = np.full(ranks.shape[:-1], np.nan)
         return nanv, nanv
-    e_max = np.nanmax(ranks[..., : last_early + 1], axis=-1)
-    ref = np.minimum(e_max, ranks[..., -1])
     dip = ranks[..., inter]
-    j = np.nanargmin(dip, axis=-1)
+    # rows whose early or intermediate ranks are all NaN (degenerate tiny sets) give NaN
+    ok = np.isfinite(dip).any(-1) & np.isfinite(ranks[..., : last_early + 1]).any(-1)
+    filled = np.where(np.isfinite(ranks), ranks, -np.inf)
+    e_max = np.where(ok, filled[..., : last_early + 1].max(-1), np.nan)
+    ref = np.minimum(e_max, ranks[..., -1])
+    j = np.where(np.isfinite(dip), dip, np.inf).argmin(-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.take_along_axis(dip, j[..., None], -1)[..., 0] / ref
-    return ratio, layers[inter][j].astype(float)
+    where = layers[inter][j].astype(float)
+    return np.where(ok, ratio, np.nan), np.where(ok, where, np.nan)
 
 
 def collapse_recover(
