@@ -81,6 +81,34 @@ def test_spans_survive_padding():
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_bucketing_keeps_input_order_and_values(monkeypatch):
+    import medmap.activations as act
+
+    m = make_tiny("llama")
+    prompts = PROMPTS * 3  # lengths interleave long, short, tiny
+    spans = [(0, len(p.split()[0])) for p in prompts]
+    seen: list[list[int]] = []
+    real_encode = act.encode
+
+    def spy(tok, texts, **kw):
+        out = real_encode(tok, texts, **kw)
+        if "padding_side" in kw:  # the batches of the forward passes
+            seen.append(list(out.lengths))
+        return out
+
+    monkeypatch.setattr(act, "encode", spy)
+    a = medmap.capture(m, prompts, position=spans, batch_size=3, bucket=True)
+    bucketed = [sorted(x) for x in seen]
+    seen.clear()
+    b = medmap.capture(m, prompts, position=spans, batch_size=3, bucket=False)
+    plain = seen
+    np.testing.assert_allclose(a, b, atol=1e-5)  # same values, input order
+    lengths = [n for batch in bucketed for n in batch]
+    assert lengths == sorted(lengths)  # batches of similar length
+    padded = lambda batches: sum(max(x) * len(x) - sum(x) for x in batches)
+    assert padded(bucketed) < padded(plain)
+
+
 def test_layer_subset_and_no_hook_leak():
     m = make_tiny("gemma3_text")
     before = count_hooks(m.hf)

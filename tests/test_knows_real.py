@@ -34,3 +34,17 @@ def test_capitals_are_known_and_logprobs_match_hf(model):
         logp = torch.log_softmax(model.hf(torch.tensor([ids])).logits[0].double(), -1)
     want = sum(float(logp[t - 1, ids[t]]) for t in range(n_prompt, len(ids)))
     assert row.logprob == pytest.approx(want, abs=1e-3)
+
+
+def test_bfloat16_stays_within_tolerance_of_float32():
+    from medmap.precision import compare_precision
+
+    ref = medmap.load_model("smollm2-135m")
+    low = medmap.load_model("smollm2-135m", dtype="bfloat16")
+    df = compare_precision(ref, low)
+    layers = df[df.layer >= 0]
+    assert len(layers) == ref.n_layers + 1
+    assert layers["cosine"].min() > 0.99 and layers["ok"].all()
+    assert (layers["rel_l2"] > 0).any()  # bf16 really differs from float32
+    lp = df[df.layer == -1].iloc[0]
+    assert 0 < lp["logprob_max_abs_diff"] < 0.5 and lp["ok"]

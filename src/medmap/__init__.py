@@ -31,6 +31,7 @@ _API: dict[str, str] = {
     "ConceptSet": "medmap.concepts",
     "counterfactual_pairs": "medmap.concepts",
     "knows": "medmap.concepts.knows",
+    "compare_precision": "medmap.precision",
     # techniques
     "representation_map": "medmap.represent",
     "weight_saliency": "medmap.causal",

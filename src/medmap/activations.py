@@ -27,7 +27,8 @@ def iter_batches(n: int, batch_size: int) -> Iterable[slice]:
         yield slice(start, min(n, start + batch_size))
 
 
-def _positions_for(position: Position, sl: slice):
+def _positions_for(position: Position, idx: Sequence[int]):
+    """The position request for the prompts ``idx`` (a shared request, or one span per prompt)."""
     if isinstance(position, str):
         return position
     if (
@@ -36,7 +37,8 @@ def _positions_for(position: Position, sl: slice):
         and all(isinstance(v, int) for v in position)
     ):
         return position
-    return list(position)[sl]
+    spans = list(position)
+    return [spans[i] for i in idx]
 
 
 def capture(
@@ -50,6 +52,7 @@ def capture(
     progress: bool = False,
     out: str | os.PathLike | None = None,
     check_finite: bool = True,
+    bucket: bool = True,
 ) -> np.ndarray:
     """Residual-stream activations of ``prompts``.
 
@@ -66,6 +69,8 @@ def capture(
         out: if given, stream the activations into an on-disk store at this directory (see
             :mod:`medmap.store`) and return the read-only memmap.
         check_finite: raise if any captured value is NaN/inf (e.g. fp16 overflow), naming the layer.
+        bucket: batch prompts of similar token length together (less padding; the output keeps
+            the input order and the values do not depend on it).
 
     Returns:
         float32 array ``(n_prompts, len(layers), d_model)``; with ``layers=None`` that is
@@ -79,8 +84,11 @@ def capture(
     col = {layer: j for j, layer in enumerate(layer_list)}
     shape = (len(prompts), len(layer_list), model.d_model)
     # Validate every prompt before any work is done (no partial output on bad input).
+    lengths: list[int] = []
     for sl in iter_batches(len(prompts), max(batch_size, 1)):
-        encode(model.tokenizer, prompts[sl], max_length=model.max_length)
+        lengths += encode(model.tokenizer, prompts[sl], max_length=model.max_length).lengths
+    # padding-aware bucketing: batches of similar length (stable, so equal lengths keep order)
+    order = np.argsort(lengths, kind="stable") if bucket else np.arange(len(prompts))
 
     store = None
     if out is not None:
@@ -94,8 +102,11 @@ def capture(
         with progress_bar("capture", total=len(prompts), enabled=progress) as advance:
 
             def run_batch(sl: slice) -> None:
-                batch = encode(model.tokenizer, prompts[sl], padding_side=padding_side)
-                w = position_weights(batch, _positions_for(position, sl))
+                idx = order[sl]
+                batch = encode(
+                    model.tokenizer, [prompts[i] for i in idx], padding_side=padding_side
+                )
+                w = position_weights(batch, _positions_for(position, idx))
                 buf: dict[int, torch.Tensor] = {}
 
                 def reduce(layer: int, h: torch.Tensor, _w=w, _buf=buf) -> None:
@@ -108,11 +119,12 @@ def capture(
                 for layer, v in buf.items():  # in forward order: the first bad layer is named
                     arr = v.cpu().numpy()
                     if check_finite and not np.isfinite(arr).all():
+                        bad = sorted(int(i) for i in idx[~np.isfinite(arr).all(-1)])
                         raise MedmapError(
-                            f"non-finite activations (NaN/inf) at layer {layer} for prompts {sl.start}..{sl.stop - 1}",
+                            f"non-finite activations (NaN/inf) at layer {layer} for prompts {bad[:5]}",
                             hint="fp16 overflow is the usual cause: load the model with dtype=bfloat16 or float32",
                         )
-                    result[sl, col[layer]] = arr
+                    result[idx, col[layer]] = arr
                 advance(sl.stop - sl.start)
 
             # out of memory: the same prompts again in smaller batches (identical values)

@@ -18,6 +18,19 @@ from medmap.concepts.loader import load_concepts
 from medmap.progress import progress_bar
 
 
+def _logits_at(model, inputs: dict, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Logits only at ``(rows, cols)``: the base model's (final-normed) last hidden state, then
+    the unembedding there (the full ``(batch, seq, vocab)`` logits are never built)."""
+    base = getattr(model.hf, model.hf.base_model_prefix, None) or model.hf
+    h = base(**inputs, use_cache=False).last_hidden_state
+    sel = h[rows.to(h.device), cols.to(h.device)]
+    ad = model.adapter
+    logits = ad.unembed(sel.to(ad.unembed.weight.device))
+    if ad.logit_softcap:
+        logits = torch.tanh(logits / ad.logit_softcap) * ad.logit_softcap
+    return logits
+
+
 def _first_rank(logits: torch.Tensor, spans) -> torch.Tensor:
     rows, _, toks, _ = prediction_index(spans)
     first = torch.tensor([0] + [s.stop - s.start for s in spans[:-1]]).cumsum(0)
@@ -43,8 +56,7 @@ def score_answers(
         )
         rows, cols, _, _ = prediction_index(spans)
         with torch.inference_mode():
-            hidden = model.hf(**batch.model_inputs(model.input_device), output_hidden_states=False)
-            logits = hidden.logits[rows.to(hidden.logits.device), cols.to(hidden.logits.device)]
+            logits = _logits_at(model, batch.model_inputs(model.input_device), rows, cols)
         s = target_scores(logits, spans, k=1)
         rank = _first_rank(logits, spans)
         for i, sp in enumerate(spans):
