@@ -707,3 +707,29 @@ def test_output_directory_not_writable(cmd, tiny_dir, tmp_path, monkeypatch, cap
     argv[4] = ro / "run"
     assert_error(argv, capsys, "is not writable (permission denied", "choose --out in a directory")
     assert list(ro.iterdir()) == []
+
+
+def test_out_of_memory_in_a_stage_without_back_off_is_one_line(monkeypatch, capsys, tmp_path):
+    """lesion has no automatic back-off: an OOM becomes a one-line error, exit 2."""
+    import importlib
+
+    les = importlib.import_module("medmap.causal.lesion")  # the package re-exports `lesion`
+
+    def boom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(les, "_lesion_chunk", boom)
+    from tiny import make_hf, tokenizer
+
+    d = tmp_path / "m"
+    make_hf("llama").save_pretrained(d)
+    tokenizer().save_pretrained(d)
+    capsys.readouterr()  # drop save_pretrained's progress output
+    out = tmp_path / "out"
+    code = main(["lesion", "--model", str(d), "--concepts", "progression", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "out of memory" in lines[0] and "--batch-size" in lines[0]
+    assert "Traceback" not in err
+    assert not (out / "results.parquet").exists()

@@ -65,6 +65,15 @@ def main(argv: list[str] | None = None) -> int:
                 cmd = ctx.command_path if ctx is not None else "medmap"
                 _error_line(f"{e.format_message()} (see `{cmd} --help`)")
             return 2
+        from medmap.batching import is_oom
+
+        if is_oom(e):  # a stage without automatic back-off ran out of memory
+            _error_line(
+                f"out of memory ({type(e).__name__}) (lower --batch-size, use --dtype bfloat16, "
+                "or shard the model with --device-map auto; finished cells are kept, so the "
+                "same command resumes)"
+            )
+            return 2
         raise
     return 0
 
