@@ -55,3 +55,48 @@ def test_lesion_hook_same_as_unsplit(models):
         with SkipBlocks(plain.adapter, [1]):
             b = plain.hf(**enc).logits
     assert torch.equal(a, b)
+
+
+def test_lesion_sweep_same_as_unsplit(models):
+    from medmap.causal import lesion
+
+    plain, split = models
+    prompts = ["Metformin is a first-line treatment for", "The capital of France is"]
+    targets = [" type 2 diabetes", " Paris"]
+    a = lesion(split, prompts, targets)
+    b = lesion(plain, prompts, targets)
+    assert len(a) == 4 * 2
+    np.testing.assert_allclose(a["nll_lesioned"], b["nll_lesioned"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(a["nll_base"], b["nll_base"], rtol=1e-6, atol=1e-6)
+
+
+def test_patching_same_as_unsplit(models):
+    from medmap.causal import patch
+
+    plain, split = models
+    tok = plain.tokenizer
+    clean, corrupt = "The patient is 47 years old.", "The patient is 80 years old."
+    assert len(tok(clean)["input_ids"]) == len(tok(corrupt)["input_ids"])
+    kw = dict(
+        clean_prompts=[clean],
+        corrupt_prompts=[corrupt],
+        clean_targets=[" chest"],
+        corrupt_targets=[" breath"],
+        positions=["last", "all"],
+    )
+    a, b = patch(split, **kw), patch(plain, **kw)
+    assert len(a) == 5 * 2
+    for col in ("logit_diff_patched", "logit_diff_clean", "logit_diff_corrupt"):
+        np.testing.assert_allclose(a[col], b[col], rtol=1e-6, atol=1e-6)
+
+
+def test_saliency_refuses_offloaded_weights(models):
+    """Offloaded weights get no gradients: refuse instead of leaving their blocks out."""
+    from medmap.causal.saliency import saliency_items
+    from medmap.errors import MedmapError
+
+    plain, split = models
+    prompts, targets = ["Metformin is a first-line treatment for"], [" type 2 diabetes"]
+    with pytest.raises(MedmapError, match="offloaded.*model.layers.1"):
+        saliency_items(split, prompts, targets)
+    assert len(saliency_items(plain, prompts, targets)) > 0

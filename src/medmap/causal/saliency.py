@@ -208,6 +208,16 @@ def saliency_items(
     """
     if len(prompts) == 0:
         raise MedmapError("no prompts given", hint="pass at least one prompt")
+    offloaded = [n for n, p in model.hf.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        # accelerate's disk/CPU offload swaps weights in per forward: their gradients never
+        # reach the parameters, so the shares would silently leave those blocks out
+        raise MedmapError(
+            f"weight saliency needs every weight resident on a device; {len(offloaded)} "
+            f"parameters are offloaded (e.g. {offloaded[0]})",
+            hint="load with a device_map/max_memory that fits the weights on GPUs and CPU RAM "
+            "(no disk offload)",
+        )
     ids = [str(i) for i in range(len(prompts))] if item_ids is None else [str(x) for x in item_ids]
     if len(ids) != len(prompts):
         raise MedmapError(f"{len(ids)} item ids for {len(prompts)} prompts")
