@@ -25,7 +25,7 @@ from medmap.activations import iter_batches
 from medmap.causal.cells import CellCache, cell_key, model_identity
 from medmap.causal.concept_io import concept_targets, set_name
 from medmap.causal.prefix import record, run_blocks
-from medmap.causal.summary import mean_ci, relative_depth, specificity_ci
+from medmap.causal.summary import mean_ci, relative_depth, specificity_row
 from medmap.causal.targets import encode_targets, prediction_index, target_scores
 from medmap.errors import MedmapError
 from medmap.progress import progress_bar
@@ -237,32 +237,16 @@ def lesion_specificity(
     ``<medical>-vs-<control>``; two-sample bootstrap CI.
     """
     rows = []
-    mname = str(medical["concept_set"].iloc[0])
-    cname = str(control["concept_set"].iloc[0])
     for (layer, window), g in medical.groupby(["layer", "window"], sort=True):
         c = control[(control["layer"] == layer) & (control["window"] == window)]
         if c.empty:
             continue
-        est, lo, hi = specificity_ci(
-            g[metric].to_numpy(), c[metric].to_numpy(), kind=kind, n_boot=n_boot, seed=seed
-        )
         rows.append(
-            {
-                "model": g["model"].iloc[0],
-                "layer": int(layer),
-                "relative_depth": relative_depth(int(layer), int(g["n_layers"].iloc[0])),
-                "concept_set": f"{mname}-vs-{cname}",
-                "technique": "lesion",
-                "metric": f"specificity_{metric}",
-                "label": kind,
-                "value": est,
-                "ci_low": lo,
-                "ci_high": hi,
-                "n": len(g) + len(c),
-                "seed": seed,
-                "window": int(window),
-            }
-        )
+            specificity_row(
+                g, c, layer=layer, technique="lesion", metric=metric, kind=kind,
+                n_boot=n_boot, seed=seed, window=int(window),
+            )
+        )  # fmt: skip
     return make_rows(rows)
 
 

@@ -40,7 +40,7 @@ import torch
 from medmap.activations import iter_batches
 from medmap.causal.cells import CellCache, cell_key, model_identity
 from medmap.causal.concept_io import concept_targets, set_name
-from medmap.causal.summary import mean_ci, relative_depth, specificity_ci
+from medmap.causal.summary import mean_ci, relative_depth, specificity_row
 from medmap.causal.targets import encode_targets, prediction_index
 from medmap.errors import MedmapError
 from medmap.progress import progress_bar
@@ -418,32 +418,17 @@ def saliency_specificity(
     """
     m = medical[medical["module"] == module]
     c = control[control["module"] == module]
-    mname, cname = str(medical["concept_set"].iloc[0]), str(control["concept_set"].iloc[0])
     rows = []
     for layer, g in m.groupby("layer", sort=True):
         cg = c[c["layer"] == layer]
         if cg.empty:
             continue
-        est, lo, hi = specificity_ci(
-            g[metric].to_numpy(), cg[metric].to_numpy(), kind=kind, n_boot=n_boot, seed=seed
-        )
         rows.append(
-            {
-                "model": g["model"].iloc[0],
-                "layer": int(layer),
-                "relative_depth": relative_depth(int(layer), int(g["n_layers"].iloc[0])),
-                "concept_set": f"{mname}-vs-{cname}",
-                "technique": "saliency",
-                "metric": f"specificity_{metric}",
-                "label": kind,
-                "value": est,
-                "ci_low": lo,
-                "ci_high": hi,
-                "n": len(g) + len(cg),
-                "seed": seed,
-                "module": module,
-            }
-        )
+            specificity_row(
+                g, cg, layer=layer, technique="saliency", metric=metric, kind=kind,
+                n_boot=n_boot, seed=seed, module=module,
+            )
+        )  # fmt: skip
     return make_rows(rows)
 
 

@@ -52,3 +52,28 @@ def specificity_ci(
 def relative_depth(layer: int, n_layers: int) -> float:
     """``layer / n_layers``; NaN for whole-model / after-last-block figures (``layer == -1``)."""
     return float("nan") if layer < 0 else layer / n_layers
+
+
+def specificity_row(
+    g, c, *, layer: int, technique: str, metric: str, kind: str, n_boot: int, seed: int, **extra
+) -> dict:
+    """One tidy row: specificity of ``metric`` between medical rows ``g`` and control rows ``c``
+    (DataFrames of one layer with ``model``, ``n_layers``, ``concept_set``), extra columns kept."""
+    est, lo, hi = specificity_ci(
+        g[metric].to_numpy(), c[metric].to_numpy(), kind=kind, n_boot=n_boot, seed=seed
+    )
+    return {
+        "model": g["model"].iloc[0],
+        "layer": int(layer),
+        "relative_depth": relative_depth(int(layer), int(g["n_layers"].iloc[0])),
+        "concept_set": f"{g['concept_set'].iloc[0]}-vs-{c['concept_set'].iloc[0]}",
+        "technique": technique,
+        "metric": f"specificity_{metric}",
+        "label": kind,
+        "value": est,
+        "ci_low": lo,
+        "ci_high": hi,
+        "n": len(g) + len(c),
+        "seed": seed,
+        **extra,
+    }
