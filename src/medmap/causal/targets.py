@@ -91,10 +91,12 @@ def prediction_index(
 def target_scores(
     logits: torch.Tensor, spans: Sequence[TargetSpan], *, k: int = 5
 ) -> dict[str, torch.Tensor]:
-    """Per-item NLL (nats, summed over target tokens) and top-1/top-k hit of the first target token.
+    """Per-item NLL (nats, summed over target tokens), top-1/top-k hit and rank of the first target
+    token (rank = vocabulary entries scoring strictly higher; 0 = top prediction).
 
     ``logits``: ``(n_positions, vocab)`` at the positions from :func:`prediction_index`, in order.
-    Returns float64 tensors ``nll``, ``top1``, ``topk`` of shape ``(n_items,)``.
+    Returns float64 tensors ``nll``, ``top1``, ``topk`` and the long tensor ``rank``, each of
+    shape ``(n_items,)``.
     """
     rows, _, toks, _ = prediction_index(spans)
     logits = logits.float().cpu()
@@ -112,4 +114,5 @@ def target_scores(
         "nll": nll,
         "top1": (rank < 1).double(),
         "topk": (rank < k).double(),
+        "rank": rank,
     }

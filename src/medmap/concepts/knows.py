@@ -31,14 +31,6 @@ def _logits_at(model, inputs: dict, rows: torch.Tensor, cols: torch.Tensor) -> t
     return logits
 
 
-def _first_rank(logits: torch.Tensor, spans) -> torch.Tensor:
-    rows, _, toks, _ = prediction_index(spans)
-    first = torch.tensor([0] + [s.stop - s.start for s in spans[:-1]]).cumsum(0)
-    lg = logits.float().cpu()[first]
-    tgt = lg.gather(1, toks[first][:, None])
-    return (lg > tgt).sum(-1)
-
-
 def score_answers(
     model,
     prompts: Sequence[str],
@@ -58,7 +50,7 @@ def score_answers(
         with torch.inference_mode():
             logits = _logits_at(model, batch.model_inputs(model.input_device), rows, cols)
         s = target_scores(logits, spans, k=1)
-        rank = _first_rank(logits, spans)
+        rank = s["rank"]
         for i, sp in enumerate(spans):
             out.append(
                 {
