@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -90,13 +92,55 @@ def test_patching_same_as_unsplit(models):
         np.testing.assert_allclose(a[col], b[col], rtol=1e-6, atol=1e-6)
 
 
-def test_saliency_refuses_offloaded_weights(models):
-    """Offloaded weights get no gradients: refuse instead of leaving their blocks out."""
+def test_saliency_same_as_unsplit(models):
+    """Offloaded weights' gradients are taken from accelerate's per-forward copies: same sums."""
     from medmap.causal.saliency import saliency_items
-    from medmap.errors import MedmapError
 
     plain, split = models
-    prompts, targets = ["Metformin is a first-line treatment for"], [" type 2 diabetes"]
-    with pytest.raises(MedmapError, match="offloaded.*model.layers.1"):
-        saliency_items(split, prompts, targets)
-    assert len(saliency_items(plain, prompts, targets)) > 0
+    prompts = ["Metformin is a first-line treatment for", "The capital of France is"]
+    targets = [" type 2 diabetes", " Paris"]
+    a = saliency_items(split, prompts, targets)
+    b = saliency_items(plain, prompts, targets)
+    assert len(a) == len(b) > 0
+    a, b = (x.set_index(["item", "layer", "module"]).sort_index() for x in (a, b))
+    assert list(a.index) == list(b.index)
+    for col in ("loss", "grad_abs_sum", "grad_x_weight_sum", "grad_x_weight_share"):
+        np.testing.assert_allclose(a[col], b[col], rtol=1e-5)
+    # the offloaded blocks really carry gradient (not zeros that would also "match" zeros)
+    for layer in (2, 3):  # blocks 1 and 2 are on disk
+        assert a.loc[(0, layer, "block"), "grad_abs_sum"] > 0
+    # hooks and wrappers gone, flags restored, weights still offloaded
+    blk = split.adapter.blocks[1]
+    assert blk.self_attn.q_proj.weight.device.type == "meta"
+    assert not any(p.requires_grad for p in split.hf.parameters())
+    q = blk.self_attn.q_proj
+    assert inspect.ismethod(q._old_forward) and q._old_forward.__self__ is q
+
+
+def test_offloaded_blocks_get_no_gradient_without_the_forward_wrappers(models):
+    """Why GradReducer wraps accelerate's forwards: hooks on the parameters alone miss them."""
+    from medmap.causal.gradstats import GradReducer
+    from medmap.causal.saliency import item_loss, param_groups
+
+    _, split = models
+    pg = param_groups(split)
+    for p in pg.params:
+        p.requires_grad_(True)
+    try:
+        sums = {}
+        for label, args in (
+            ("params only", ()),
+            ("with wrappers", (split.hf, pg.aliases)),
+        ):
+            with GradReducer(pg.params, *args) as reducer, torch.enable_grad():
+                item_loss(split, "The capital of France is", " Paris").backward()
+                sums[label] = reducer.take()[0]
+        on_disk = np.array([g[0] in (2, 3) for g in pg.group_of])
+        assert sums["params only"][on_disk].sum() == 0
+        assert (sums["with wrappers"][on_disk] > 0).all()
+        np.testing.assert_array_equal(
+            sums["params only"][~on_disk], sums["with wrappers"][~on_disk]
+        )
+    finally:
+        for p in split.hf.parameters():
+            p.requires_grad_(False)

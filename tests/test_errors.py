@@ -22,6 +22,7 @@ from medmap.batching import is_oom, run_with_backoff
 from medmap.cli import main
 from medmap.errors import MedmapError
 from medmap.hooks import count_hooks
+from oom import oom_above
 from tiny import make_hf, tokenizer
 
 PROMPT = "A 47-year-old woman presents with chest pain."
@@ -590,23 +591,6 @@ def test_backoff_leaves_other_errors_alone():
     assert not is_oom(RuntimeError("expected scalar type Float"))
 
 
-def _oom_above(model, k: int, monkeypatch):
-    """Make the base model's forward raise CUDA-style OOM for batches larger than ``k``."""
-    base = model.hf.model
-    real = base.forward
-    calls = []
-
-    def forward(*args, **kwargs):
-        b = kwargs["input_ids"].shape[0]
-        calls.append(b)
-        if b > k:
-            raise torch.OutOfMemoryError(f"CUDA out of memory (batch {b})")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(base, "forward", forward)
-    return calls
-
-
 def test_capture_retries_smaller_batches_with_identical_results(tmp_path, monkeypatch):
     from tiny import make_tiny
 
@@ -615,7 +599,7 @@ def test_capture_retries_smaller_batches_with_identical_results(tmp_path, monkey
     ref2 = medmap.capture(m, prompts, batch_size=2)
     ref8 = medmap.capture(m, prompts, batch_size=8)
     hooks = count_hooks(m.hf)
-    calls = _oom_above(m, 2, monkeypatch)
+    calls = oom_above(m, 2, monkeypatch)
     got = medmap.capture(m, prompts, batch_size=8, out=tmp_path / "store")
     assert calls[:3] == [8, 4, 2] and set(calls[3:]) == {2}
     np.testing.assert_array_equal(np.asarray(got), ref2)  # the same batches: bit-identical
@@ -709,27 +693,52 @@ def test_output_directory_not_writable(cmd, tiny_dir, tmp_path, monkeypatch, cap
     assert list(ro.iterdir()) == []
 
 
-def test_out_of_memory_in_a_stage_without_back_off_is_one_line(monkeypatch, capsys, tmp_path):
-    """lesion has no automatic back-off: an OOM becomes a one-line error, exit 2."""
+def _cli_under_oom(cmd: str, module: str, attr: str, monkeypatch, capsys, tmp_path):
+    """Run ``medmap CMD`` on a tiny model with ``module.attr`` raising CUDA-style OOM."""
     import importlib
 
-    les = importlib.import_module("medmap.causal.lesion")  # the package re-exports `lesion`
+    mod = importlib.import_module(module)  # the package re-exports functions of these names
 
     def boom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(les, "_lesion_chunk", boom)
-    from tiny import make_hf, tokenizer
-
+    monkeypatch.setattr(mod, attr, boom)
     d = tmp_path / "m"
     make_hf("llama").save_pretrained(d)
     tokenizer().save_pretrained(d)
     capsys.readouterr()  # drop save_pretrained's progress output
     out = tmp_path / "out"
-    code = main(["lesion", "--model", str(d), "--concepts", "progression", "--out", str(out)])
+    code = main([cmd, "--model", str(d), "--concepts", "progression", "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2
     lines = [x for x in err.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1 and "out of memory" in lines[0] and "--batch-size" in lines[0]
-    assert "Traceback" not in err
+    assert len(lines) == 1 and "Traceback" not in err
     assert not (out / "results.parquet").exists()
+    return lines[0], out
+
+
+def test_out_of_memory_in_saliency_names_the_item(monkeypatch, capsys, tmp_path):
+    """saliency computes one item per pass: no batch to shrink, a one-line error naming it."""
+    line, _ = _cli_under_oom(
+        "saliency", "medmap.causal.saliency", "item_loss", monkeypatch, capsys, tmp_path
+    )
+    assert "out of memory (OutOfMemoryError) in the backward pass of saliency item 0" in line
+    assert "--dtype bfloat16" in line and "--device-map auto" in line
+
+
+def test_out_of_memory_in_lesion_backs_off_to_one_item(monkeypatch, capsys, tmp_path):
+    """lesion halves its batch down to one item before it gives up (with a one-line error)."""
+    line, out = _cli_under_oom(
+        "lesion", "medmap.causal.lesion", "_lesion_chunk", monkeypatch, capsys, tmp_path
+    )
+    assert "out of memory with a batch of 1 item (item 0)" in line
+    assert "--dtype bfloat16" in line
+    assert list(out.rglob("lesion-*.parquet")) == []  # no cell from the failed attempts
+
+
+def test_out_of_memory_elsewhere_is_one_line(monkeypatch, capsys, tmp_path):
+    """A stage without its own handling (here the representation scores) still gets one line."""
+    line, _ = _cli_under_oom(
+        "umap", "medmap.represent.api", "_layer_rows", monkeypatch, capsys, tmp_path
+    )
+    assert "out of memory (OutOfMemoryError) (lower --batch-size" in line

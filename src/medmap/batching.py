@@ -34,7 +34,8 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(t in str(exc).lower() for t in _OOM_TEXT)
 
 
-def _free_memory() -> None:
+def free_memory() -> None:
+    """Collect garbage and return cached accelerator memory (after an out-of-memory error)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -77,7 +78,7 @@ def run_with_backoff(
             start = sl.stop
             continue
         # Out of the except block, so the failed batch's traceback (and its tensors) is gone.
-        _free_memory()
+        free_memory()
         if sl.stop - sl.start == 1:
             raise MedmapError(
                 f"out of memory with a batch of 1 {what} ({what} {start})",

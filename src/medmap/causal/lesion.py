@@ -26,6 +26,7 @@ from medmap.causal.cells import CellCache, cell_key, model_identity
 from medmap.causal.concept_io import concept_targets, set_name
 from medmap.causal.prefix import record, run_blocks
 from medmap.causal.summary import mean_ci, relative_depth, specificity_row
+from medmap.causal.sweep import sweep_cells
 from medmap.causal.targets import encode_targets, prediction_index, target_scores
 from medmap.errors import MedmapError
 from medmap.progress import progress_bar
@@ -73,7 +74,8 @@ def lesion(
         layers: lesion layer numbers ``l`` (removes blocks ``l-1 .. l-2+window``); ``None`` = all.
         window: number of consecutive blocks removed together.
         k: top-k accuracy of the target's first token.
-        batch_size: items per forward pass and per resumable cell.
+        batch_size: items per forward pass and per resumable cell (halved automatically when
+            a batch runs out of memory, see :mod:`medmap.causal.sweep`).
         concept_set: name written to the ``concept_set`` column (and into cell keys).
         item_ids: labels for the ``item_id`` column (default: the item index).
         cache_dir: directory of finished cells (one Parquet per layer × chunk); a rerun with the
@@ -93,55 +95,41 @@ def lesion(
         raise MedmapError(f"{len(ids)} item ids for {len(prompts)} prompts")
     cache = CellCache(cache_dir, "lesion")
     ident = model_identity(model)
-    chunks = list(iter_batches(len(prompts), batch_size))
     # validate every item before any work (no partial output on bad input)
-    for sl in chunks:
+    for sl in iter_batches(len(prompts), batch_size):
         encode_targets(model.tokenizer, prompts[sl], targets[sl], max_length=model.max_length)
-    frames: list[pd.DataFrame] = []
-    with progress_bar("lesion", total=len(chunks) * len(layer_list), enabled=progress) as advance:
-        for sl in chunks:
-            keys = {
-                layer: cell_key(
-                    technique="lesion",
-                    model=ident,
-                    concept_set=concept_set,
-                    layer=layer,
-                    window=window,
-                    k=k,
-                    prompts=list(prompts[sl]),
-                    targets=list(targets[sl]),
-                    ids=ids[sl],
-                )
-                for layer in layer_list
-            }
-            done = {layer: cache.get(key) for layer, key in keys.items()}
-            missing = [layer for layer, df in done.items() if df is None]
-            if missing:
-                done.update(
-                    _lesion_chunk(
-                        model,
-                        prompts[sl],
-                        targets[sl],
-                        missing,
-                        window,
-                        k,
-                        sl.start,
-                        ids[sl],
-                        concept_set,
-                        cache,
-                        keys,
-                        advance,
-                    )
-                )
-            advance(len(layer_list) - len(missing))
-            frames.extend(done[layer] for layer in layer_list)
+
+    def key_of(sl: slice, layer: int) -> str:
+        return cell_key(
+            technique="lesion",
+            model=ident,
+            concept_set=concept_set,
+            layer=layer,
+            window=window,
+            k=k,
+            prompts=list(prompts[sl]),
+            targets=list(targets[sl]),
+            ids=ids[sl],
+        )
+
+    def compute(sl: slice, todo: list[int], emit) -> None:
+        _lesion_chunk(
+            model, prompts[sl], targets[sl], todo, window, k, sl.start, ids[sl], concept_set, emit
+        )
+
+    n_chunks = -(-len(prompts) // batch_size)
+    with progress_bar("lesion", total=n_chunks * len(layer_list), enabled=progress) as advance:
+        frames = sweep_cells(
+            len(prompts), batch_size, layer_list, key_of, compute, cache, advance=advance
+        )
     out = pd.concat(frames, ignore_index=True)
     return out.sort_values(["layer", "item"], kind="stable").reset_index(drop=True)
 
 
 def _lesion_chunk(
-    model, prompts, targets, layers, window, k, first_item, ids, concept_set, cache, keys, advance
-) -> dict[int, pd.DataFrame]:
+    model, prompts, targets, layers, window, k, first_item, ids, concept_set, emit
+) -> None:
+    """Rows of every lesion layer in ``layers`` for one batch of items; ``emit(layer, df)`` each."""
     n = model.n_layers
     batch, spans = encode_targets(model.tokenizer, prompts, targets, max_length=model.max_length)
     rec = record(model, batch.model_inputs(model.input_device))
@@ -153,7 +141,6 @@ def _lesion_chunk(
             return target_scores(model.adapter.head(sel), spans, k=k)
 
     base = scores(rec.inputs[n])
-    out = {}
     for layer in layers:
         b = layer - 1
         h = rec.inputs[b]
@@ -181,9 +168,7 @@ def _lesion_chunk(
                 "delta_topk": (les["topk"] - base["topk"]).numpy(),
             }
         )
-        out[layer] = cache.put(keys[layer], df)
-        advance(1)
-    return out
+        emit(layer, df)
 
 
 _BASE_OF = {"delta_nll": "nll_base", "delta_top1": "top1_base", "delta_topk": "topk_base"}

@@ -31,6 +31,7 @@ from medmap.activations import iter_batches
 from medmap.causal.cells import CellCache, cell_key, model_identity
 from medmap.causal.prefix import Recording, can_stack, record, run_blocks, stacked_calls
 from medmap.causal.summary import mean_ci, relative_depth
+from medmap.causal.sweep import sweep_cells
 from medmap.causal.targets import target_span
 from medmap.errors import MedmapError
 from medmap.hooks import check_layers
@@ -148,7 +149,8 @@ def patch(
         clean_targets / corrupt_targets: their answers; only each answer's first token is used.
         layers: residual indices ``0..n_layers`` to patch (``None`` = all).
         positions: ``"last"``, ``"concept"``, ``"all"`` or a list of them (swept with layers).
-        batch_size: pairs per forward pass and per resumable cell.
+        batch_size: pairs per forward pass and per resumable cell (halved automatically when
+            a batch runs out of memory, see :mod:`medmap.causal.sweep`).
         direction: ``"denoise"`` (clean → corrupt run) or ``"noise"`` (corrupt → clean run).
         concept_spans: per pair, the concept's character span in the clean prompt (or a
             ``(clean_span, corrupt_span)`` tuple); required for ``"concept"``.
@@ -172,55 +174,52 @@ def patch(
     layer_list = check_layers(layers, n)
     ids = [str(i) for i in range(n_pairs)] if pair_ids is None else [str(x) for x in pair_ids]
     tok = model.tokenizer
-    chunks = list(iter_batches(n_pairs, batch_size))
-    for sl in chunks:  # validate before any work
+    for sl in iter_batches(n_pairs, batch_size):  # validate before any work
         _encode_pair_chunk(model, clean_prompts[sl], corrupt_prompts[sl], sl.start)
     clean_tok = [answer_token(tok, p, a) for p, a in zip(clean_prompts, clean_targets)]
     corrupt_tok = [answer_token(tok, p, a) for p, a in zip(corrupt_prompts, corrupt_targets)]
     cache = CellCache(cache_dir, "patching")
     ident = model_identity(model)
-    frames: list[pd.DataFrame] = []
-    with progress_bar("patching", total=len(chunks) * len(layer_list), enabled=progress) as advance:
-        for sl in chunks:
-            keys = {
-                layer: cell_key(
-                    technique="patching",
-                    model=ident,
-                    concept_set=concept_set,
-                    layer=layer,
-                    positions=pos_list,
-                    direction=direction,
-                    clean=list(clean_prompts[sl]),
-                    corrupt=list(corrupt_prompts[sl]),
-                    answers=[clean_tok[sl], corrupt_tok[sl]],
-                    spans=None if concept_spans is None else [str(s) for s in concept_spans[sl]],
-                    ids=ids[sl],
-                )
-                for layer in layer_list
-            }
-            done = {layer: cache.get(key) for layer, key in keys.items()}
-            missing = [layer for layer, df in done.items() if df is None]
-            if missing:
-                chunk = _PatchChunk(
-                    model,
-                    clean_prompts[sl],
-                    corrupt_prompts[sl],
-                    clean_tok[sl],
-                    corrupt_tok[sl],
-                    pos_list,
-                    direction,
-                    None if concept_spans is None else concept_spans[sl],
-                    sl.start,
-                )
-                for layer in missing:
-                    df = chunk.cell(layer)
-                    df["pair_id"] = [ids[i] for i in df["pair"]]
-                    df.insert(0, "concept_set", concept_set)
-                    df.insert(0, "model", model.name)
-                    done[layer] = cache.put(keys[layer], df)
-                    advance(1)
-            advance(len(layer_list) - len(missing))
-            frames.extend(done[layer] for layer in layer_list)
+
+    def key_of(sl: slice, layer: int) -> str:
+        return cell_key(
+            technique="patching",
+            model=ident,
+            concept_set=concept_set,
+            layer=layer,
+            positions=pos_list,
+            direction=direction,
+            clean=list(clean_prompts[sl]),
+            corrupt=list(corrupt_prompts[sl]),
+            answers=[clean_tok[sl], corrupt_tok[sl]],
+            spans=None if concept_spans is None else [str(s) for s in concept_spans[sl]],
+            ids=ids[sl],
+        )
+
+    def compute(sl: slice, todo: list[int], emit) -> None:
+        chunk = _PatchChunk(
+            model,
+            clean_prompts[sl],
+            corrupt_prompts[sl],
+            clean_tok[sl],
+            corrupt_tok[sl],
+            pos_list,
+            direction,
+            None if concept_spans is None else concept_spans[sl],
+            sl.start,
+        )
+        for layer in todo:
+            df = chunk.cell(layer)
+            df["pair_id"] = [ids[i] for i in df["pair"]]
+            df.insert(0, "concept_set", concept_set)
+            df.insert(0, "model", model.name)
+            emit(layer, df)
+
+    n_chunks = -(-n_pairs // batch_size)
+    with progress_bar("patching", total=n_chunks * len(layer_list), enabled=progress) as advance:
+        frames = sweep_cells(
+            n_pairs, batch_size, layer_list, key_of, compute, cache, advance=advance, what="pair"
+        )
     out = pd.concat(frames, ignore_index=True)
     order = {p: i for i, p in enumerate(pos_list)}
     out = out.assign(_o=out["position"].map(order))

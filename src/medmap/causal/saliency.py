@@ -19,11 +19,13 @@ Per item and part: ``grad_abs_mean`` = mean |∂L/∂w| over the part's weights,
 (distinct tensors counted once; the shares of embedding + blocks + final norm + unembedding +
 other sum to 1).
 
-Memory: each parameter's gradient is reduced to two sums by a post-accumulate-grad hook as soon
-as autograd has finished it, and freed at once (``p.grad = None``), so at most one parameter's
+Memory: each parameter's gradient is reduced to two sums as soon as autograd has finished it,
+and freed at once (:class:`medmap.causal.gradstats.GradReducer`), so at most one parameter's
 gradient is alive (peak ≈ weights + activations + the largest single gradient instead of all of
 them). ``requires_grad`` is switched on for the pass and restored afterwards. Sums are float64
-and moved to the CPU, so models split with ``device_map`` work.
+and moved to the CPU, so models split with ``device_map`` over devices work, and so do weights
+that accelerate offloads to CPU RAM or disk (their gradients are taken from the copy accelerate
+materialises for each forward).
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ import pandas as pd
 import torch
 
 from medmap.activations import iter_batches
+from medmap.batching import free_memory, is_oom
 from medmap.causal.cells import CellCache, cell_key, model_identity
 from medmap.causal.concept_io import concept_targets, set_name
+from medmap.causal.gradstats import GradReducer
 from medmap.causal.summary import mean_ci, relative_depth, specificity_row
 from medmap.causal.targets import encode_targets, prediction_index
 from medmap.errors import MedmapError
@@ -47,7 +51,6 @@ from medmap.progress import progress_bar
 from medmap.results import make_rows
 
 METRICS = ("grad_abs_mean", "grad_x_weight_mean", "grad_abs_share", "grad_x_weight_share")
-_CHUNK = 1 << 22  # elements per slice when reducing |g * w| of a large tensor
 
 
 def classify_block_param(name: str) -> str:
@@ -74,6 +77,7 @@ class ParamGroups:
     names: list[str]
     group_of: list[tuple[int, str]]
     groups: list[tuple[int, str]] = field(default_factory=list)
+    aliases: list[list[str]] = field(default_factory=list)  # every qualified name of params[k]
 
 
 def param_groups(model) -> ParamGroups:
@@ -113,57 +117,11 @@ def param_groups(model) -> ParamGroups:
         "unembedding": 6,
     }
     groups = sorted(set(group_of), key=lambda g: (g[0] if g[0] >= 0 else 10**9, order[g[1]]))
-    return ParamGroups(params, names, group_of, groups)
-
-
-class _GradReducer:
-    """Post-accumulate-grad hooks that reduce each gradient to two float64 sums and free it."""
-
-    def __init__(self, params: list[torch.nn.Parameter]) -> None:
-        self.params = params
-        self.sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.live = 0
-        self.peak = 0
-        self._handles = []
-        for k, p in enumerate(params):
-            self._handles.append(p.register_post_accumulate_grad_hook(self._hook(k)))
-
-    def _hook(self, k: int):
-        def hook(p: torch.Tensor) -> None:
-            g = p.grad
-            nbytes = g.numel() * g.element_size()
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            with torch.no_grad():
-                sg = g.abs().sum(dtype=torch.float64)
-                gf, wf = g.reshape(-1), p.detach().reshape(-1)
-                sgw = torch.zeros((), dtype=torch.float64, device=g.device)
-                for s in range(0, gf.numel(), _CHUNK):
-                    sgw += (
-                        (gf[s : s + _CHUNK].float() * wf[s : s + _CHUNK].float())
-                        .abs()
-                        .sum(dtype=torch.float64)
-                    )
-            prev = self.sums.get(k)
-            self.sums[k] = (sg, sgw) if prev is None else (prev[0] + sg, prev[1] + sgw)
-            p.grad = None
-            self.live -= nbytes
-
-        return hook
-
-    def take(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-parameter sums of the last backward pass (zeros for unreached ones); resets."""
-        sg = np.zeros(len(self.params))
-        sgw = np.zeros(len(self.params))
-        for k, (a, b) in self.sums.items():
-            sg[k] = float(a.cpu())
-            sgw[k] = float(b.cpu())
-        self.sums = {}
-        return sg, sgw
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
+    k_of = {id(p): k for k, p in enumerate(params)}
+    aliases: list[list[str]] = [[] for _ in params]
+    for name, p in model.hf.named_parameters(remove_duplicate=False):
+        aliases[k_of[id(p)]].append(name)
+    return ParamGroups(params, names, group_of, groups, aliases)
 
 
 def item_loss(model, prompt: str, target: str) -> torch.Tensor:
@@ -208,16 +166,6 @@ def saliency_items(
     """
     if len(prompts) == 0:
         raise MedmapError("no prompts given", hint="pass at least one prompt")
-    offloaded = [n for n, p in model.hf.named_parameters() if p.device.type == "meta"]
-    if offloaded:
-        # accelerate's disk/CPU offload swaps weights in per forward: their gradients never
-        # reach the parameters, so the shares would silently leave those blocks out
-        raise MedmapError(
-            f"weight saliency needs every weight resident on a device; {len(offloaded)} "
-            f"parameters are offloaded (e.g. {offloaded[0]})",
-            hint="load with a device_map/max_memory that fits the weights on GPUs and CPU RAM "
-            "(no disk offload)",
-        )
     ids = [str(i) for i in range(len(prompts))] if item_ids is None else [str(x) for x in item_ids]
     if len(ids) != len(prompts):
         raise MedmapError(f"{len(ids)} item ids for {len(prompts)} prompts")
@@ -237,7 +185,7 @@ def saliency_items(
     ident = model_identity(model)
     chunks = list(iter_batches(len(prompts), batch_size))
     frames = []
-    flags = [p.requires_grad for p in pg.params]
+    flags = {n: p.requires_grad for n, p in model.hf.named_parameters(remove_duplicate=False)}
     reducer = None
     peak = 0
     try:
@@ -257,14 +205,10 @@ def saliency_items(
                         for p in pg.params:
                             p.grad = None
                             p.requires_grad_(True)
-                        reducer = _GradReducer(pg.params)
+                        reducer = GradReducer(pg.params, model.hf, pg.aliases)
                     parts = []
                     for i in range(sl.start, sl.stop):
-                        with torch.enable_grad():
-                            loss = item_loss(model, prompts[i], targets[i])
-                            if not bool(torch.isfinite(loss)):
-                                _nonfinite_loss(model, prompts[i], targets[i], i)
-                            loss.backward()
+                        loss = _item_backward(model, prompts[i], targets[i], i, reducer)
                         sg, sgw = reducer.take()
                         parts.append(
                             _item_frame(
@@ -293,13 +237,41 @@ def saliency_items(
         if reducer is not None:
             peak = reducer.peak
             reducer.remove()
-            for p, f in zip(pg.params, flags):
+            # offloaded weights are new meta tensors after every forward: restore by name
+            for n, p in model.hf.named_parameters(remove_duplicate=False):
                 p.grad = None
-                p.requires_grad_(f)
+                p.requires_grad_(flags.get(n, False))
     out = pd.concat(frames, ignore_index=True)
     out.attrs["peak_grad_bytes"] = int(peak)
     out.attrs["total_grad_bytes"] = int(sum(p.numel() * p.element_size() for p in pg.params))
     return out
+
+
+def _item_backward(model, prompt: str, target: str, i: int, reducer: GradReducer) -> torch.Tensor:
+    """Loss of item ``i`` and its backward pass (gradients go to ``reducer``).
+
+    Items are always one per pass (per-item gradients), so there is no batch to shrink: out of
+    memory becomes a one-line error naming the item.
+    """
+    try:
+        with torch.enable_grad():
+            loss = item_loss(model, prompt, target)
+            if not bool(torch.isfinite(loss)):
+                _nonfinite_loss(model, prompt, target, i)
+            loss.backward()
+        return loss.detach()
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        kind = type(e).__name__
+    reducer.take()  # drop partial sums; out of the except block so the failed graph is freed
+    free_memory()
+    raise MedmapError(
+        f"out of memory ({kind}) in the backward pass of saliency item {i} "
+        f"({len(prompt) + len(target)} characters)",
+        hint="saliency keeps one item's activations and the weights: load the model in bfloat16 "
+        "(--dtype bfloat16), shard it over devices (--device-map auto) or use shorter prompts",
+    )
 
 
 def _item_frame(i, item_id, loss, sg, sgw, member, g_numel, block_of, groups, numel):
