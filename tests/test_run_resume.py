@@ -187,3 +187,72 @@ def test_merge_coords_makes_mixed_label_columns_text():
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"coords-{os.getpid()}.parquet"
     m.to_parquet(path)  # one type per column: Parquet accepts it
     path.unlink()
+
+
+RETRY_CONFIG = """\
+model = "{model}"
+concept_sets = ["progression"]
+techniques = ["saliency", "lesion"]
+max_items = 6
+saliency_items = 3
+n_boot = 20
+batch_size = 8
+"""
+
+
+@pytest.mark.timeout(900)
+def test_ray_retries_failed_and_crashed_tasks(run_config, tmp_path):
+    """A task that raises and a task whose worker dies are retried; the table is unchanged.
+
+    Then a task that fails on every attempt ends the run with a one-line error naming the cell
+    after 1 + max_retries attempts, and the run is not marked finished.
+    """
+    pytest.importorskip("ray")
+    import ray
+
+    from medmap.config import build_config
+    from medmap.errors import MedmapError
+    from medmap.runner import run_map
+
+    cfg_file = tmp_path / "retry.toml"
+    model_dir = run_config.parent
+    cfg_file.write_text(RETRY_CONFIG.format(model=model_dir), encoding="utf-8")
+    cfg = build_config(config_file=cfg_file)
+    ref = run_map(cfg, tmp_path / "ref", report=False)  # one process, no faults
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    plan = faults / "plan.json"
+    plan.write_text(json.dumps({"lesion": "raise-once", "saliency": "crash-once"}))
+    env = {
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "MEDMAP_TEST_FAULTS": str(faults),
+        "PYTHONPATH": str(ROOT / "tests"),
+    }
+    try:
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": env, "worker_process_setup_hook": "ray_faults.install"},
+        )
+        out = run_map(cfg, tmp_path / "ray", report=False, ray_address="local")
+        attempts = {p.name: p.read_text().split() for p in faults.glob("*.attempts")}
+        assert sorted(attempts) == ["lesion-progression.attempts", "saliency-progression.attempts"]
+        assert all(len(pids) == 2 for pids in attempts.values())
+        crashed = attempts["saliency-progression.attempts"]
+        assert crashed[0] != crashed[1]  # the retry ran in a new worker process
+        pd.testing.assert_frame_equal(_table(out), _table(ref))
+
+        plan.write_text(json.dumps({"lesion": "always"}))
+        for p in faults.glob("*.attempts"):
+            p.unlink()
+        with pytest.raises(MedmapError) as e:
+            run_map(cfg, tmp_path / "ray-fail", report=False, ray_address="local")
+    finally:
+        ray.shutdown()
+    msg = str(e.value)
+    assert "cell lesion/progression" in msg and "failed after 2 retries" in msg
+    assert "injected fault in lesion/progression, attempt 3" in msg and "\n" not in msg
+    assert len((faults / "lesion-progression.attempts").read_text().split()) == 3
+    assert not (tmp_path / "ray-fail" / "results.parquet").exists()
