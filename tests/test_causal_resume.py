@@ -137,7 +137,7 @@ def fake_cli(monkeypatch):
     import medmap.cli_causal as cc
 
     model = make_tiny("llama", seed=30)
-    monkeypatch.setattr(cc, "_load", lambda m, c, d: (model, _FakeSet()))
+    monkeypatch.setattr(cc, "_load", lambda m, c, d, dm: (model, _FakeSet()))
     fake = types.ModuleType("medmap.concepts")
     fake.counterfactual_pairs = lambda cs, tok, max_pairs, seed: [_Pair(i) for i in range(3)][
         :max_pairs

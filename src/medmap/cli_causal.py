@@ -13,25 +13,27 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from medmap.cli_options import (
+    BatchOpt,
+    BootOpt,
+    ConceptsOpt,
+    DeviceMapOpt,
+    DtypeOpt,
+    ModelOpt,
+    OutOpt,
+    SeedOpt,
+)
 from medmap.errors import MedmapError
 
 console = Console(stderr=True)
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="bundled alias, directory or .gguf")]
-ConceptsOpt = Annotated[str, typer.Option("--concepts", "-c", help="concept set name or file")]
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="output directory")]
-BootOpt = Annotated[int, typer.Option("--n-boot", min=10, help="bootstrap resamples")]
-SeedOpt = Annotated[int, typer.Option("--seed")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="items per forward pass")]
-DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="float32, bfloat16 or float16")]
 
-
-def _load(model: str, concepts: str, dtype: str | None):
+def _load(model: str, concepts: str, dtype: str | None, device_map: str | None):
     from medmap.concepts import load_concepts
     from medmap.loading import load_model
 
     cs = load_concepts(concepts)
-    return load_model(model, dtype=dtype), cs
+    return load_model(model, dtype=dtype, device_map=device_map), cs
 
 
 def _write(out: Path, tidy, items) -> None:
@@ -57,13 +59,14 @@ def saliency(
     n_boot: BootOpt = 200,
     seed: SeedOpt = 0,
     dtype: DtypeOpt = None,
+    device_map: DeviceMapOpt = None,
 ) -> None:
     """Weight-gradient saliency of a concept set's target completions per block and sub-module."""
     from medmap.causal.concept_io import concept_targets, set_name
     from medmap.causal.saliency import saliency_items, saliency_summary
 
     _check_out(out)
-    m, cs = _load(model, concepts, dtype)
+    m, cs = _load(model, concepts, dtype, device_map)
     ct = concept_targets(cs, max_items)
     items = saliency_items(
         m,
@@ -89,6 +92,7 @@ def lesion(
     n_boot: BootOpt = 200,
     seed: SeedOpt = 0,
     dtype: DtypeOpt = None,
+    device_map: DeviceMapOpt = None,
 ) -> None:
     """Remove each block (or window of blocks) and measure the damage to target completions."""
     from medmap.causal.concept_io import concept_targets, set_name
@@ -96,7 +100,7 @@ def lesion(
     from medmap.causal.lesion import lesion_summary
 
     _check_out(out)
-    m, cs = _load(model, concepts, dtype)
+    m, cs = _load(model, concepts, dtype, device_map)
     ct = concept_targets(cs, max_items)
     items = run_lesion(
         m,
@@ -127,6 +131,7 @@ def patch(
     n_boot: BootOpt = 200,
     seed: SeedOpt = 0,
     dtype: DtypeOpt = None,
+    device_map: DeviceMapOpt = None,
 ) -> None:
     """Activation patching between counterfactual pairs of a concept set, per layer and position."""
     from medmap.causal.patching import POSITIONS, concept_pairs, patch_summary
@@ -142,7 +147,7 @@ def patch(
         )
     if direction not in ("denoise", "noise"):
         raise MedmapError(f"unknown direction {direction!r}", hint="use denoise or noise")
-    m, cs = _load(model, concepts, dtype)
+    m, cs = _load(model, concepts, dtype, device_map)
     pairs = concept_pairs(m, cs, max_pairs=max_pairs, seed=seed)
     items = run_patch(
         m,

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from medmap.cli_options import DeviceMapOpt
 from medmap.errors import MedmapError
 
 console = Console()
@@ -103,6 +104,7 @@ def capture_cmd(
         bool, typer.Option("--allow-pickle", help="allow pickle (.bin/.pt) weights")
     ] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+    device_map: DeviceMapOpt = None,
 ) -> None:
     """Capture residual-stream activations of every layer and write them to an on-disk store."""
     from medmap.activations import capture
@@ -123,7 +125,11 @@ def capture_cmd(
         raise MedmapError(f"unknown position {position!r}", hint="use last or mean")
     check_out_dir(out)
     m = load_model(
-        model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+        model,
+        dtype=dtype,
+        device_map=device_map,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
     )
     arr = capture(
         m,

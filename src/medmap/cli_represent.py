@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from medmap.cli_options import DeviceMapOpt
 from medmap.errors import MedmapError
 
 console = Console(stderr=True)
@@ -31,6 +32,7 @@ def umap_cmd(
     no_umap: Annotated[bool, typer.Option("--no-umap", help="scores only, no UMAP")] = False,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16")] = None,
+    device_map: DeviceMapOpt = None,
 ) -> None:
     """Per-layer UMAP and cluster/probe/detector scores; writes results.parquet, umap_coords.parquet."""
     if position not in ("concept", "last"):
@@ -44,7 +46,7 @@ def umap_cmd(
     from medmap.results import write_parquet_atomic
 
     cs = load_concepts(concepts)
-    m = load_model(model, dtype=dtype)
+    m = load_model(model, dtype=dtype, device_map=device_map)
     res = representation_map(
         m,
         cs,
