@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -28,17 +26,22 @@ CARDIAC = ("myocardial infarction", "heart attack", "coronary", "angina", "stemi
 @pytest.fixture(scope="module", params=sorted(BUNDLED_MODELS))
 def model(request):
     convert_gguf(BUNDLED_MODELS[request.param].gguf_path(), progress=False)  # warm the cache
-    t0 = time.perf_counter()
-    m = medmap.load_model(request.param)
-    m.info["reload_seconds"] = time.perf_counter() - t0
+    with pytest.MonkeyPatch.context() as mp:
+        # a second load must come from the safetensors cache: GGUF reading would fail here
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+        def no_gguf(*a, **k):
+            raise AssertionError("the GGUF file was read again instead of the cache")
+
+        mp.setattr(gguf_utils, "load_gguf_checkpoint", no_gguf)
+        m = medmap.load_model(request.param)
     return m
 
 
-def test_cached_reload_is_fast(model):
-    # Functional check that the cache is used (no GGUF dequantisation), not a benchmark.
+def test_second_load_comes_from_the_cache(model):
+    # How long it takes is measured in benchmarks/load.py (BENCHMARKS.md), not here.
     assert model.info["kind"] == "gguf"
     assert model.info["weights_dir"] == str(gguf_cache_dir(BUNDLED_MODELS[model.name].gguf_path()))
-    assert model.info["reload_seconds"] < 30
 
 
 def test_cached_weights_bit_identical_to_gguf(model):

@@ -124,7 +124,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """The torch dtype named by ``dtype`` (``None``/``"auto"`` = the default); raises for others."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
@@ -227,8 +228,12 @@ def _check_local_dir(path: Path, allow_pickle: bool) -> None:
         )
 
 
-def _resolve(spec: str, allow_pickle: bool) -> tuple[str, Path, str]:
-    """Return (kind, local path, display name) for a spec; kind in {'gguf', 'dir'}."""
+def resolve_spec(spec: str, allow_pickle: bool) -> tuple[str, Path, str]:
+    """Return (kind, local path, display name) for a model spec; kind in {'gguf', 'dir'}.
+
+    Checks only what can be checked without loading (the spec exists, safe weight files);
+    raises :class:`ModelLoadError` otherwise.
+    """
     if spec in BUNDLED_MODELS:
         return "gguf", BUNDLED_MODELS[spec].gguf_path(), spec
     path = Path(spec).expanduser()
@@ -311,7 +316,7 @@ def load_model(
 
     spec = str(spec)
     t0 = time.perf_counter()
-    kind, path, name = _resolve(spec, allow_pickle)
+    kind, path, name = resolve_spec(spec, allow_pickle)
     source = path
     if kind == "gguf":
         if path.stat().st_size < 1024:
@@ -320,7 +325,7 @@ def load_model(
                 hint="re-download the file (or reinstall the bundled model's package)",
             )
         path = convert_gguf(path)
-    torch_dtype = _resolve_dtype(dtype) or torch.float32
+    torch_dtype = resolve_dtype(dtype) or torch.float32
     kwargs: dict[str, Any] = {
         "dtype": torch_dtype,
         "trust_remote_code": trust_remote_code,
@@ -384,7 +389,7 @@ def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False):
     """The (fast) tokenizer of a model spec, without loading its weights."""
     from transformers import AutoTokenizer
 
-    kind, path, name = _resolve(str(spec), allow_pickle=False)
+    kind, path, name = resolve_spec(str(spec), allow_pickle=False)
     if kind == "gguf":
         path = convert_gguf(path)
     try:

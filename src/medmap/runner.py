@@ -249,7 +249,7 @@ def preflight(cfg: RunConfig, *, load: bool) -> None:
     """
     from medmap.causal.concept_io import concept_targets
     from medmap.concepts import load_concepts
-    from medmap.loading import _resolve, _resolve_dtype
+    from medmap.loading import resolve_dtype, resolve_spec
 
     for name in concept_sets_for(cfg):
         cs = load_concepts(name)
@@ -261,8 +261,8 @@ def preflight(cfg: RunConfig, *, load: bool) -> None:
             )
         if set(cfg.techniques) - {"umap"}:
             concept_targets(cs)  # saliency, lesioning and patching need targets
-    _resolve(cfg.model, cfg.allow_pickle)
-    _resolve_dtype(cfg.dtype)
+    resolve_spec(cfg.model, cfg.allow_pickle)
+    resolve_dtype(cfg.dtype)
     if load:
         _model_for(cfg)
 
