@@ -403,6 +403,29 @@ def test_first_half_with_custom_medical_sets():
     assert f2["present"]
 
 
+def test_first_half_vs_control():
+    """Medical sets earlier than the control: present; every set early: first_half only."""
+    med = [half_fraction(combined(EARLY[s])) for s in ("drugs", "ages")]
+    ctl = half_fraction(combined(EARLY["animals"]))
+    f = finding(effect_table(EARLY), "first_half_vs_control")
+    assert f["value"] == pytest.approx(np.mean(med) - ctl)
+    assert f["present"] and 0 < f["ci_low"] <= f["value"] <= f["ci_high"]
+    # one control set: the bootstrap varies only the medical mean, within [min, max] of the sets
+    assert min(med) - ctl - 1e-12 <= f["ci_low"] and f["ci_high"] <= max(med) - ctl + 1e-12
+    assert f["where"] == f"medical {np.mean(med):.2f} (2 sets) vs control {ctl:.2f} (1 sets)"
+    # a control set as early as the medical ones: "first half" holds, the contrast does not
+    same = {**EARLY, "animals": EARLY["drugs"]}
+    assert finding(effect_table(same), "first_half")["present"]
+    f = finding(effect_table(same), "first_half_vs_control")
+    assert not f["present"] and f["ci_low"] <= 0
+    late = {s: {t: v[::-1] for t, v in techs.items()} for s, techs in EARLY.items()}
+    f = finding(effect_table(late), "first_half_vs_control")
+    assert f["value"] < 0 and not f["present"]
+    f = finding(effect_table({"drugs": EARLY["drugs"]}), "first_half_vs_control")
+    assert np.isnan(f["value"]) and not f["present"]
+    assert f["detail"] == "needs combined maps of medical and control sets (1 medical, 0 control)"
+
+
 # ---------------------------------------------------------------------------------------------
 # The whole table
 

@@ -20,6 +20,10 @@ Each row: ``model, finding, value, ci_low, ci_high, where, present, rule, detail
 - ``first_half``: fraction of the combined knowledge map's effect mass in the first half of the
   model, averaged over the medical concept sets; CI = percentile bootstrap over the
   per-technique first-half fractions of the medical sets; present if the value exceeds 0.5.
+- ``first_half_vs_control``: the same fraction, medical sets minus control (non-medical) sets:
+  is medical knowledge processed earlier than general knowledge, or does every set put its
+  effect in the first half? CI = two-sample percentile bootstrap over the concept sets;
+  present if the CI lies above 0.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
+from medmap.causal.summary import specificity_ci
 from medmap.maps import MEDICAL_SETS, TECHNIQUES, KnowledgeMap, knowledge_map
 from medmap.stats import bootstrap_ci
 
@@ -43,6 +48,7 @@ FINDINGS: tuple[str, ...] = (
     "specialty_vs_mechanism",
     "collapse_recover",
     "first_half",
+    "first_half_vs_control",
 )
 COLUMNS = ["model", "finding", "value", "ci_low", "ci_high", "where", "present", "rule", "detail"]
 
@@ -57,6 +63,7 @@ RULES = {
     ),
     "collapse_recover": "collapse_recover == 1 in > half of the concept sets",
     "first_half": f"combined-map effect fraction in the first half > {FIRST_HALF_MIN:g}",
+    "first_half_vs_control": "CI of medical − control first-half fraction above 0",
 }
 
 
@@ -235,6 +242,32 @@ def first_half(kmap: KnowledgeMap, model: str, medical: set[str], seed: int = 0)
     )
 
 
+def first_half_vs_control(kmap: KnowledgeMap, model: str, medical: set[str], seed: int = 0) -> dict:
+    s = kmap.summary[(kmap.summary["model"] == model) & (kmap.summary["map"] == "combined")]
+    s = s.dropna(subset=["first_half_fraction"])
+    med = s[s["concept_set"].isin(medical)]["first_half_fraction"].to_numpy()
+    ctl = s[~s["concept_set"].isin(medical)]["first_half_fraction"].to_numpy()
+    if len(med) == 0 or len(ctl) == 0:
+        return _row(
+            model,
+            "first_half_vs_control",
+            detail=f"needs combined maps of medical and control sets ({len(med)} medical, "
+            f"{len(ctl)} control)",
+        )
+    value, lo, hi = specificity_ci(med, ctl, n_boot=1000, seed=seed)
+    return _row(
+        model,
+        "first_half_vs_control",
+        value,
+        lo,
+        hi,
+        f"medical {_fmt(med.mean())} ({len(med)} sets) vs control {_fmt(ctl.mean())} "
+        f"({len(ctl)} sets)",
+        lo > 0,
+        "two-sample bootstrap over concept sets",
+    )
+
+
 def findings_table(
     table: pd.DataFrame,
     kmap: KnowledgeMap | None = None,
@@ -260,5 +293,6 @@ def findings_table(
             specialty_vs_mechanism(t, model),
             collapse_recover(t, model),
             first_half(kmap, model, med, seed),
+            first_half_vs_control(kmap, model, med, seed),
         ]
     return pd.DataFrame(rows, columns=COLUMNS)
