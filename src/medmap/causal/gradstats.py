@@ -121,14 +121,17 @@ class GradReducer:
         self.live += nbytes
         self.peak = max(self.peak, self.live)
 
+    def _reduce_one(self, k: int, g: torch.Tensor, w: torch.Tensor) -> None:
+        """Reduce a gradient that is alive only for this call (counted in ``live``/``peak``)."""
+        nbytes = g.numel() * g.element_size()
+        self._count(nbytes)
+        self._reduce(k, g, w)
+        self.live -= nbytes
+
     def _leaf_hook(self, k: int):
         def hook(p: torch.Tensor) -> None:
-            g = p.grad
-            nbytes = g.numel() * g.element_size()
-            self._count(nbytes)
-            self._reduce(k, g, p)
-            p.grad = None
-            self.live -= nbytes
+            g, p.grad = p.grad, None
+            self._reduce_one(k, g, p)
 
         return hook
 
@@ -174,12 +177,10 @@ class GradReducer:
         return hook
 
     def _copy_done(self, k: int, g: torch.Tensor, t: torch.Tensor) -> None:
-        nbytes = g.numel() * g.element_size()
         if self._uses[k] == 1:
-            self._count(nbytes)
-            self._reduce(k, g, t)
-            self.live -= nbytes
+            self._reduce_one(k, g, t)
             return
+        nbytes = g.numel() * g.element_size()
         n, acc = self._pending.get(k, (0, None))
         if acc is None:
             self._count(nbytes)

@@ -29,7 +29,6 @@ from medmap.causal.summary import mean_ci, relative_depth, specificity_row
 from medmap.causal.sweep import sweep_cells
 from medmap.causal.targets import encode_targets, prediction_index, target_scores
 from medmap.errors import MedmapError
-from medmap.progress import progress_bar
 from medmap.results import make_rows
 
 METRICS = ("delta_nll", "delta_top1", "delta_topk")
@@ -117,11 +116,10 @@ def lesion(
             model, prompts[sl], targets[sl], todo, window, k, sl.start, ids[sl], concept_set, emit
         )
 
-    n_chunks = -(-len(prompts) // batch_size)
-    with progress_bar("lesion", total=n_chunks * len(layer_list), enabled=progress) as advance:
-        frames = sweep_cells(
-            len(prompts), batch_size, layer_list, key_of, compute, cache, advance=advance
-        )
+    frames = sweep_cells(
+        len(prompts), batch_size, layer_list, key_of, compute, cache,
+        description="lesion", progress=progress,
+    )  # fmt: skip
     out = pd.concat(frames, ignore_index=True)
     return out.sort_values(["layer", "item"], kind="stable").reset_index(drop=True)
 

@@ -35,7 +35,6 @@ from medmap.causal.sweep import sweep_cells
 from medmap.causal.targets import target_span
 from medmap.errors import MedmapError
 from medmap.hooks import check_layers
-from medmap.progress import progress_bar
 from medmap.results import make_rows
 from medmap.tokens import Batch, encode, span_tokens
 
@@ -215,11 +214,10 @@ def patch(
             df.insert(0, "model", model.name)
             emit(layer, df)
 
-    n_chunks = -(-n_pairs // batch_size)
-    with progress_bar("patching", total=n_chunks * len(layer_list), enabled=progress) as advance:
-        frames = sweep_cells(
-            n_pairs, batch_size, layer_list, key_of, compute, cache, advance=advance, what="pair"
-        )
+    frames = sweep_cells(
+        n_pairs, batch_size, layer_list, key_of, compute, cache,
+        description="patching", progress=progress, what="pair",
+    )  # fmt: skip
     out = pd.concat(frames, ignore_index=True)
     order = {p: i for i, p in enumerate(pos_list)}
     out = out.assign(_o=out["position"].map(order))

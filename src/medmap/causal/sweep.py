@@ -21,6 +21,7 @@ import pandas as pd
 from medmap.activations import iter_batches
 from medmap.batching import run_with_backoff
 from medmap.causal.cells import CellCache
+from medmap.progress import progress_bar
 
 Emit = Callable[[int, pd.DataFrame], None]
 Compute = Callable[[slice, list[int], Emit], None]
@@ -34,7 +35,8 @@ def sweep_cells(
     compute: Compute,
     cache: CellCache,
     *,
-    advance: Callable[[int], None] = lambda _n=1: None,
+    description: str = "sweep",
+    progress: bool = False,
     what: str = "item",
 ) -> list[pd.DataFrame]:
     """Run every (chunk, layer) cell not yet in ``cache``; return all cells' frames.
@@ -49,7 +51,8 @@ def sweep_cells(
             once per layer as soon as that layer is done. It must leave no state behind when it
             raises (it is called again for the same items with a smaller slice).
         cache: finished cells.
-        advance: progress callback, called with 1 per finished cell.
+        description / progress: label of the progress bar (one step per cell) and whether to
+            show it.
         what: word for the items in the out-of-memory message.
 
     Returns:
@@ -57,14 +60,19 @@ def sweep_cells(
     """
     size = batch_size
     frames: list[pd.DataFrame] = []
-    for chunk in iter_batches(n_items, batch_size):
-        keys = {layer: key_of(chunk, layer) for layer in layers}
-        done = {layer: cache.get(key) for layer, key in keys.items()}
-        missing = [layer for layer, df in done.items() if df is None]
-        advance(len(layers) - len(missing))
-        if missing:
-            size = _compute_chunk(chunk, missing, keys, done, compute, cache, advance, size, what)
-        frames.extend(done[layer] for layer in layers)
+    chunks = list(iter_batches(n_items, batch_size))
+    total = len(chunks) * len(layers)
+    with progress_bar(description, total=total, enabled=progress) as advance:
+        for chunk in chunks:
+            keys = {layer: key_of(chunk, layer) for layer in layers}
+            done = {layer: cache.get(key) for layer, key in keys.items()}
+            missing = [layer for layer, df in done.items() if df is None]
+            advance(len(layers) - len(missing))
+            if missing:
+                size = _compute_chunk(
+                    chunk, missing, keys, done, compute, cache, advance, size, what
+                )
+            frames.extend(done[layer] for layer in layers)
     return frames
 
 
