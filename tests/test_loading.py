@@ -35,6 +35,41 @@ def test_local_directory_roundtrip(tiny_dir):
     assert not any(p.requires_grad for p in m.hf.parameters())
 
 
+def test_gguf_cache_tokenizer_is_read_in_one_parse(tmp_path, monkeypatch):
+    """A convert_gguf cache directory's tokenizer comes from tokenizer.json directly, with the
+    chat template file and the named class's padding side; other directories use AutoTokenizer."""
+    from transformers import AutoTokenizer
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    from medmap.loading import _load_tokenizer_of
+
+    d = tmp_path / "cache"
+    tokenizer().save_pretrained(d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(
+        json.dumps({**cfg, "tokenizer_class": "GemmaTokenizer"})
+    )
+    (d / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.content }}]{% endfor %}")
+    (d / "medmap_source.json").write_text("{}")
+
+    def no_auto(*a, **k):
+        raise AssertionError("AutoTokenizer used for a GGUF cache directory")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(AutoTokenizer, "from_pretrained", no_auto)
+        tok = _load_tokenizer_of(d, "gguf", False)
+    assert type(tok) is TokenizersBackend
+    assert tok.padding_side == "left"  # GemmaTokenizer's, not the generic default "right"
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "[hi]"
+    text = "Metformin 500 mg twice daily"
+    assert (
+        tok(text, return_offsets_mapping=True).data
+        == tokenizer()(text, return_offsets_mapping=True).data
+    )
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<bos>", "<eos>", "<pad>")
+    assert type(_load_tokenizer_of(d, "dir", False)).__name__ == "GemmaTokenizer"
+
+
 def test_unknown_alias_lists_aliases():
     with pytest.raises(
         ModelLoadError, match=r"unknown model 'llama-9000'.*gemma3-270m, smollm2-135m"

@@ -82,3 +82,64 @@ def test_greedy_completion_is_cardiac(model):
     out = model.hf.generate(**enc, max_new_tokens=12, do_sample=False)
     text = model.tokenizer.decode(out[0, enc.input_ids.shape[1] :]).lower()
     assert any(word in text for word in CARDIAC), text
+
+
+EDGE_TEXTS = [
+    "",
+    " ",
+    "  leading and trailing spaces  ",
+    "tabs\tand\nnew\n\nlines",
+    "Metformin 500\u202fmg b.i.d.; HbA1c 7.2%; eGFR < 30 mL/min/1.73 m²",
+    "ünïcödé — ‘quotes’ “double” 漢字 ‍👩‍⚕️",
+    "<bos><eos><pad> special strings inside text <|im_start|><|im_end|>",
+]
+
+
+def _bundled_texts() -> list[str]:
+    from medmap.concepts.loader import list_concepts, load_concepts
+
+    texts = list(EDGE_TEXTS)
+    for name in list_concepts():
+        cs = load_concepts(name)
+        texts += [p.text for p in cs.render()]
+        for t in cs.targets():
+            texts += [t.prompt, *(t.prompt + " " + a for a in t.answers), *t.answers]
+    return texts
+
+
+def test_cached_tokenizer_equals_the_gguf_tokenizer(model):
+    """medmap reads the cached tokenizer.json with one parse (loading._cached_gguf_tokenizer);
+    it must be the tokenizer transformers builds from the GGUF file itself."""
+    from transformers import AutoTokenizer
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    gguf = BUNDLED_MODELS[model.name].gguf_path()
+    ref = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok = model.tokenizer
+    assert type(tok) is TokenizersBackend  # the one-parse path, whatever class the GGUF names
+    texts = _bundled_texts()
+    assert len(texts) > 9000
+    for text in texts:
+        for special in (True, False):
+            a = ref(text, return_offsets_mapping=True, add_special_tokens=special)
+            b = tok(text, return_offsets_mapping=True, add_special_tokens=special)
+            assert a["input_ids"] == b["input_ids"], text
+            assert a["offset_mapping"] == b["offset_mapping"], text
+        ids = a["input_ids"]
+        assert ref.decode(ids) == tok.decode(ids), text
+    assert tok.get_vocab() == ref.get_vocab()
+    assert len(tok) == len(ref)
+    assert {i: str(t) for i, t in tok.added_tokens_decoder.items()} == {
+        i: str(t) for i, t in ref.added_tokens_decoder.items()
+    }
+    for attr in ("bos_token_id", "eos_token_id", "unk_token_id", "padding_side", "truncation_side"):
+        assert getattr(tok, attr) == getattr(ref, attr), attr
+    assert tok.all_special_ids == ref.all_special_ids
+    assert tok.pad_token_id == (
+        ref.pad_token_id if ref.pad_token_id is not None else ref.eos_token_id
+    )
+    assert tok.chat_template == ref.chat_template
+    if ref.chat_template is not None:
+        chat = [{"role": "user", "content": "What is the first-line drug for type 2 diabetes?"}]
+        kw = {"tokenize": False, "add_generation_prompt": True}
+        assert tok.apply_chat_template(chat, **kw) == ref.apply_chat_template(chat, **kw)

@@ -2,7 +2,7 @@
 
 GGUF weights are dequantised once and cached as safetensors in the user cache directory
 (``$MEDMAP_CACHE`` or the platform cache dir), keyed by the GGUF file's SHA-256, so later
-loads take about a second. Pickle checkpoints are refused unless ``allow_pickle=True`` and
+loads take a few seconds (BENCHMARKS.md). Pickle checkpoints are refused unless ``allow_pickle=True`` and
 remote code runs only with ``trust_remote_code=True``.
 """
 
@@ -193,6 +193,54 @@ def convert_gguf(gguf: Path, *, progress: bool = True) -> Path:
     return target
 
 
+# tokenizer_config.json entries that describe how the config was saved, not the tokenizer.
+_NOT_TOKENIZER_INIT = (
+    "tokenizer_class",
+    "is_local",
+    "local_files_only",
+    "auto_map",
+    "name_or_path",
+)
+
+
+def _cached_gguf_tokenizer(path: Path):
+    """The tokenizer of a :func:`convert_gguf` cache directory, from one parse of tokenizer.json.
+
+    transformers' model-specific tokenizer classes (e.g. ``GemmaTokenizer``) rebuild their
+    backend from the vocabulary and merges they extract from tokenizer.json in Python, which
+    parses the file three times (about 3 s for Gemma-3's 262k-token vocabulary). The cache's
+    tokenizer.json was written by :func:`convert_gguf` from exactly that rebuilt backend, so the
+    generic ``TokenizersBackend`` loading it directly is the same tokenizer (tests compare ids,
+    offsets, decoding, special tokens and chat template on every bundled prompt). The class's
+    own defaults that live outside tokenizer.json (padding and truncation side) are carried over.
+    """
+    import transformers
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    init = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    cls = getattr(transformers, str(init.get("tokenizer_class")), None)
+    for key in _NOT_TOKENIZER_INIT:
+        init.pop(key, None)
+    for attr in ("padding_side", "truncation_side"):
+        if cls is not None and attr not in init:
+            init[attr] = getattr(cls, attr)
+    template = path / "chat_template.jinja"
+    if template.exists() and "chat_template" not in init:
+        init["chat_template"] = template.read_text(encoding="utf-8")
+    return TokenizersBackend(
+        tokenizer_file=str(path / "tokenizer.json"), name_or_path=str(path), **init
+    )
+
+
+def _load_tokenizer_of(path: Path, kind: str, trust_remote_code: bool):
+    """The tokenizer of a resolved model directory (``kind`` from :func:`resolve_spec`)."""
+    if kind == "gguf" and (path / "medmap_source.json").exists():
+        return _cached_gguf_tokenizer(path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
 def _weights_hash_of_dir(path: Path) -> str:
     src = path / "medmap_source.json"
     if src.exists():
@@ -312,7 +360,7 @@ def load_model(
     Raises:
         ModelLoadError: the spec cannot be resolved or the weights cannot be read safely.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     spec = str(spec)
     t0 = time.perf_counter()
@@ -349,7 +397,7 @@ def load_model(
     hf_logging.disable_progress_bar()
     try:
         hf = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        tokenizer = _load_tokenizer_of(path, kind, trust_remote_code)
     except ModelLoadError:
         raise
     except Exception as e:
@@ -387,13 +435,11 @@ def load_model(
 
 def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False):
     """The (fast) tokenizer of a model spec, without loading its weights."""
-    from transformers import AutoTokenizer
-
     kind, path, name = resolve_spec(str(spec), allow_pickle=False)
     if kind == "gguf":
         path = convert_gguf(path)
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        tok = _load_tokenizer_of(path, kind, trust_remote_code)
     except Exception as e:
         raise ModelLoadError(f"cannot load the tokenizer of {name}: {type(e).__name__}") from e
     if getattr(tok, "pad_token_id", None) is None and tok.eos_token_id is not None:
