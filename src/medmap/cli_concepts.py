@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from medmap.cli_options import BatchOpt, ModelOpt
+
 console = Console()
 err = Console(stderr=True)
 concepts_app = typer.Typer(help="List, show and validate concept sets.", no_args_is_help=True)
@@ -114,14 +116,14 @@ def pairs_cmd(
 
 
 def knows_cmd(
-    model: Annotated[str, typer.Option("--model", "-m", help="bundled alias, directory or .gguf")],
+    model: ModelOpt,
     concepts: Annotated[
         list[str] | None, typer.Option("--concepts", "-c", help="set name or file (repeatable)")
     ] = None,
     k: Annotated[int, typer.Option("--k", min=1, help="known = first token in the top k")] = 10,
     max_items: Annotated[int | None, typer.Option("--max-items", min=1)] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="write rows to Parquet")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
+    batch_size: BatchOpt = 16,
 ) -> None:
     """Per item, the model's log-probability and rank of the target answer; fraction known."""
     import pandas as pd

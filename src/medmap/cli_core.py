@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from medmap.cli_options import DeviceMapOpt
+from medmap.cli_options import BatchOpt, DeviceMapOpt, DtypeOpt, ModelOpt
 from medmap.errors import MedmapError
 
 console = Console()
@@ -84,9 +84,7 @@ def _read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[
 
 
 def capture_cmd(
-    model: Annotated[
-        str, typer.Option("--model", "-m", help="alias, local dir, .gguf or cached hub id")
-    ],
+    model: ModelOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="directory for the activation store")],
     prompt: Annotated[
         list[str] | None, typer.Option("--prompt", "-p", help="a prompt (repeatable)")
@@ -98,8 +96,8 @@ def capture_cmd(
     layers: Annotated[
         str | None, typer.Option(help="comma-separated residual indices (0 = embeddings)")
     ] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 16,
-    dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16")] = None,
+    batch_size: BatchOpt = 16,
+    dtype: DtypeOpt = None,
     allow_pickle: Annotated[
         bool, typer.Option("--allow-pickle", help="allow pickle (.bin/.pt) weights")
     ] = False,

@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from medmap.cli_options import DeviceMapOpt, DtypeOpt
+
 console = Console()
 
 
@@ -26,8 +28,8 @@ def map_cmd(
     ] = None,
     max_items: Annotated[int | None, typer.Option(help="items per concept set")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16")] = None,
-    device_map: Annotated[str | None, typer.Option(help="accelerate device map, e.g. auto")] = None,
+    dtype: DtypeOpt = None,
+    device_map: DeviceMapOpt = None,
     no_report: Annotated[bool, typer.Option("--no-report", help="skip report.html")] = False,
     ray: Annotated[
         str | None,

@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="bundled alias, directory or .gguf")]
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="alias, local dir, .gguf or cached hub id")
+]
 ConceptsOpt = Annotated[str, typer.Option("--concepts", "-c", help="concept set name or file")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="output directory")]
 BootOpt = Annotated[int, typer.Option("--n-boot", min=10, help="bootstrap resamples")]

@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from medmap.cli_options import DeviceMapOpt
+from medmap.cli_options import (
+    BatchOpt,
+    BootOpt,
+    ConceptsOpt,
+    DeviceMapOpt,
+    DtypeOpt,
+    ModelOpt,
+    OutOpt,
+    SeedOpt,
+)
 from medmap.errors import MedmapError
 
 console = Console(stderr=True)
 
 
 def umap_cmd(
-    model: Annotated[
-        str, typer.Option("--model", "-m", help="alias, local dir, .gguf or cached hub id")
-    ],
-    concepts: Annotated[str, typer.Option("--concepts", "-c", help="concept set name or file")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="output directory")],
+    model: ModelOpt,
+    concepts: ConceptsOpt,
+    out: OutOpt,
     position: Annotated[str, typer.Option(help="concept | last")] = "concept",
     max_items: Annotated[
         int | None, typer.Option("--max-items", min=3, help="items of the set (stratified)")
@@ -27,11 +33,11 @@ def umap_cmd(
     max_templates: Annotated[
         int | None, typer.Option("--max-templates", min=1, help="templates per item")
     ] = None,
-    seed: Annotated[int, typer.Option()] = 0,
-    n_boot: Annotated[int, typer.Option("--n-boot", min=10, help="bootstrap resamples")] = 200,
+    seed: SeedOpt = 0,
+    n_boot: BootOpt = 200,
     no_umap: Annotated[bool, typer.Option("--no-umap", help="scores only, no UMAP")] = False,
-    batch_size: Annotated[int, typer.Option(min=1)] = 16,
-    dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16")] = None,
+    batch_size: BatchOpt = 16,
+    dtype: DtypeOpt = None,
     device_map: DeviceMapOpt = None,
 ) -> None:
     """Per-layer UMAP and cluster/probe/detector scores; writes results.parquet, umap_coords.parquet."""

@@ -2,8 +2,8 @@
 
 GGUF weights are dequantised once and cached as safetensors in the user cache directory
 (``$MEDMAP_CACHE`` or the platform cache dir), keyed by the GGUF file's SHA-256, so later
-loads take a few seconds (BENCHMARKS.md). Pickle checkpoints are refused unless ``allow_pickle=True`` and
-remote code runs only with ``trust_remote_code=True``.
+loads take a few seconds (BENCHMARKS.md). Pickle checkpoints are refused unless
+``allow_pickle=True`` and remote code runs only with ``trust_remote_code=True``.
 """
 
 from __future__ import annotations
@@ -232,13 +232,21 @@ def _cached_gguf_tokenizer(path: Path):
     )
 
 
+def _with_pad_token(tok):
+    """``tok`` with its EOS token as padding token if it has none (batched prompts need one)."""
+    if getattr(tok, "pad_token_id", None) is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def _load_tokenizer_of(path: Path, kind: str, trust_remote_code: bool):
     """The tokenizer of a resolved model directory (``kind`` from :func:`resolve_spec`)."""
     if kind == "gguf" and (path / "medmap_source.json").exists():
-        return _cached_gguf_tokenizer(path)
+        return _with_pad_token(_cached_gguf_tokenizer(path))
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    return _with_pad_token(tok)
 
 
 def _weights_hash_of_dir(path: Path) -> str:
@@ -415,8 +423,6 @@ def load_model(
         hf.to(device)
     hf.eval()
     hf.requires_grad_(False)
-    if getattr(tokenizer, "pad_token_id", None) is None and tokenizer.eos_token_id is not None:
-        tokenizer.pad_token = tokenizer.eos_token
     if not getattr(tokenizer, "is_fast", False):
         raise ModelLoadError(
             f"tokenizer of {name} is not a fast tokenizer; medmap needs character offsets",
@@ -439,17 +445,13 @@ def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False):
     if kind == "gguf":
         path = convert_gguf(path)
     try:
-        tok = _load_tokenizer_of(path, kind, trust_remote_code)
+        return _load_tokenizer_of(path, kind, trust_remote_code)
     except Exception as e:
         raise ModelLoadError(f"cannot load the tokenizer of {name}: {type(e).__name__}") from e
-    if getattr(tok, "pad_token_id", None) is None and tok.eos_token_id is not None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def wrap_model(hf, tokenizer, name: str = "model") -> MedmapModel:
     """Wrap an already-loaded HF causal LM and tokenizer (e.g. a test model) as a MedmapModel."""
     hf.eval()
-    if getattr(tokenizer, "pad_token_id", None) is None and tokenizer.eos_token_id is not None:
-        tokenizer.pad_token = tokenizer.eos_token
+    _with_pad_token(tokenizer)
     return MedmapModel(hf=hf, tokenizer=tokenizer, name=name, adapter=find_layers(hf))
