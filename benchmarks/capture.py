@@ -16,7 +16,7 @@ import time
 import torch
 
 import medmap
-from medmap.tokens import encode
+from medmap.model.tokens import encode
 
 AGES = [3, 8, 15, 24, 37, 45, 52, 61, 68, 74, 83, 91, 29, 57, 66, 79]
 COMPLAINTS = [

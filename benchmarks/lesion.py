@@ -1,8 +1,8 @@
 """Benchmark: full single-block lesion sweep, medmap vs a naive hook loop vs nnsight.
 
-Naive: for every layer, a full HF forward per batch with :class:`medmap.hooks.SkipBlocks`.
+Naive: for every layer, a full HF forward per batch with :class:`medmap.model.sites.SkipBlocks`.
 nnsight: for every layer, one ``trace`` per batch that sets block ``b``'s output to its input
-(the idiomatic nnsight lesion), full logits as usual. medmap: :func:`medmap.causal.lesion`
+(the idiomatic nnsight lesion), full logits as usual. medmap: :func:`medmap.techniques.lesioning`
 (intact pass recorded once per batch, each lesion replays only the blocks after it, logits only
 at target positions). All on the same items and batches.
 
@@ -29,9 +29,9 @@ from _causal_data import FACTS
 from _peers import clock, median_times, nnsight_model, nnsight_version, rotations
 
 import medmap
-from medmap.causal import lesion
-from medmap.causal.targets import encode_targets, prediction_index
-from medmap.hooks import SkipBlocks
+from medmap.model.sites import SkipBlocks
+from medmap.model.targets import encode_targets, prediction_index
+from medmap.techniques import lesion
 
 
 def _nll(logits: torch.Tensor, rows, cols, toks, n_items: int) -> np.ndarray:
@@ -151,7 +151,7 @@ def main() -> None:
     labels = {
         "naive": "naive SkipBlocks loop",
         "nnsight": "nnsight trace loop",
-        "medmap": "medmap.causal.lesion",
+        "medmap": "medmap.techniques.lesioning",
     }
     for name in methods:
         print(f"{labels[name]:24s}: {med[name]:8.2f} s (median)")

@@ -39,7 +39,7 @@ import json, time
 import torch, transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
-from medmap.loading import _load_tokenizer_of, convert_gguf, resolve_spec
+from medmap.model.loading import _load_tokenizer_of, convert_gguf, resolve_spec
 logging.disable_progress_bar()
 d = convert_gguf(resolve_spec({spec!r}, allow_pickle=False)[1])
 t0 = time.perf_counter()

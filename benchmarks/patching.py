@@ -2,7 +2,7 @@
 
 Methods (same pairs, same batches, same position masks):
 
-* naive: the clean run recorded once per batch with :class:`medmap.hooks.TraceBlocks`, then one
+* naive: the clean run recorded once per batch with :class:`medmap.model.sites.TraceBlocks`, then one
   full HF forward of the corrupt batch per (layer, position) cell with a TraceBlocks edit hook.
 * nnsight: the clean run recorded once per batch in one ``trace`` (every block's output saved),
   then one ``trace`` of the corrupt batch per (layer, position) cell that overwrites the
@@ -10,7 +10,7 @@ Methods (same pairs, same batches, same position masks):
 * transformer-lens: ``TransformerBridge`` (TransformerLens 4 replaced ``HookedTransformer``):
   ``run_with_cache`` on the clean batch, then ``run_with_hooks`` on the corrupt batch per cell
   with a hook on ``blocks.{l-1}.hook_resid_post`` (``blocks.0.hook_resid_pre`` for l = 0).
-* medmap: :func:`medmap.causal.patch` (both runs recorded once per batch; each layer replays
+* medmap: :func:`medmap.techniques.patch` (both runs recorded once per batch; each layer replays
   only the blocks after it, the 3 positions stacked along the batch, logits at the last token).
 
 Residual index ``l``: 0 = block 0's input, ``l`` = after block ``l-1``. Before timing, every
@@ -35,10 +35,10 @@ from _causal_data import pairs
 from _peers import clock, nnsight_model, nnsight_version, rotations, tl_bridge, tl_version
 
 import medmap
-from medmap.causal import answer_token, patch
-from medmap.causal.patching import position_masks
-from medmap.hooks import TraceBlocks
-from medmap.tokens import encode
+from medmap.model.sites import TraceBlocks
+from medmap.model.tokens import encode
+from medmap.techniques import answer_token, patch
+from medmap.techniques.patching import position_masks
 
 POSITIONS = ["last", "concept", "all"]
 
@@ -298,7 +298,7 @@ def main() -> None:
         "naive": "naive per-cell hook loop",
         "nnsight": "nnsight per-cell trace loop",
         "transformer-lens": "TransformerLens per-cell hook loop",
-        "medmap": "medmap.causal.patch",
+        "medmap": "medmap.techniques.patch",
     }
     for name in methods:
         print(f"{labels[name]:34s}: {times[name]:8.2f} s")

@@ -22,7 +22,7 @@ import numpy as np
 
 
 def _warm_up() -> float:
-    from medmap.represent.embed import embed_layers
+    from medmap.techniques.representation.embed import embed_layers
 
     t0 = time.perf_counter()
     z = np.random.default_rng(0).normal(size=(20, 5))
@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--synthetic-templates", type=int, default=8)
     args = ap.parse_args()
 
-    from medmap.represent import analyse_activations
+    from medmap.techniques.representation import analyse_activations
 
     print(f"umap numba warm-up (JIT): {_warm_up():.1f} s")
     total_analysis = total_capture = 0.0
@@ -84,10 +84,10 @@ def main() -> None:
             print(f"synthetic{s}: {args.synthetic_items} items, {len(res.table)} rows, {dt:.1f} s")
     else:
         import medmap
-        from medmap.activations import capture
         from medmap.concepts import list_concepts, load_concepts
-        from medmap.represent import representation_map
-        from medmap.represent.model import rendered_prompts
+        from medmap.techniques.capture import capture
+        from medmap.techniques.representation import representation_map
+        from medmap.techniques.representation.model import rendered_prompts
 
         model = medmap.load_model(args.model)
         names = args.sets.split(",") if args.sets else [str(n) for n in list_concepts()]

@@ -1,7 +1,7 @@
 """Benchmark: per-item weight-gradient saliency with hook reduction vs plain ``loss.backward()``.
 
 Plain: per item, ``backward()`` keeps every gradient, then each is reduced to |g| and |g·w| sums.
-medmap: :func:`medmap.causal.saliency_items` (each gradient reduced and freed by a
+medmap: :func:`medmap.techniques.saliency_items` (each gradient reduced and freed by a
 post-accumulate-grad hook). Reports wall time, gradient bytes alive at the peak (counted
 exactly: all gradients for the plain path, the hook's live counter for medmap; in-process RSS is
 not reported because allocator reuse makes it order-dependent), and the largest relative disagreement of the per-part sums.
@@ -19,8 +19,8 @@ import torch
 from _causal_data import FACTS
 
 import medmap
-from medmap.causal import saliency_items
-from medmap.causal.saliency import item_loss, param_groups
+from medmap.techniques import saliency_items
+from medmap.techniques.saliency import item_loss, param_groups
 
 
 def plain(model, prompts, targets) -> tuple[np.ndarray, int]:

@@ -1,6 +1,6 @@
 """Fault injection for the Ray retry tests, installed in every Ray worker by a setup hook.
 
-``install`` wraps :func:`medmap.runner.run_cell` in the worker. Before each attempt it appends a
+``install`` wraps :func:`medmap.run.execute.run_cell` (what the Ray tasks call) in the worker. Before each attempt it appends a
 line to ``$MEDMAP_TEST_FAULTS/<stage>-<set>.attempts`` and then acts on the stage's mode in
 ``$MEDMAP_TEST_FAULTS/plan.json``: ``raise-once`` raises on the first attempt, ``crash-once``
 kills the worker process on the first attempt (a system failure, as when a node dies) and
@@ -19,9 +19,9 @@ class InjectedFault(RuntimeError):
 
 
 def install() -> None:
-    import medmap.runner as runner
+    import medmap.run.execute as execute
 
-    real = runner.run_cell
+    real = execute.run_cell
     root = Path(os.environ["MEDMAP_TEST_FAULTS"])
 
     def run_cell(config, out, stage, name):
@@ -36,4 +36,4 @@ def install() -> None:
             os._exit(1)
         return real(config, out, stage, name)
 
-    runner.run_cell = run_cell
+    execute.run_cell = run_cell

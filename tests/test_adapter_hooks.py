@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medmap.errors import MedmapError
-from medmap.hooks import SkipBlocks, TraceBlocks, count_hooks
+from medmap.model.sites import SkipBlocks, TraceBlocks, count_hooks
 from tiny import ARCHS, make_tiny
 
 PROMPT = "A 47-year-old woman presents with chest pain radiating to the left arm."

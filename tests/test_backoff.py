@@ -1,4 +1,4 @@
-"""Out-of-memory back-off in the lesion and patching sweeps (medmap.causal.sweep).
+"""Out-of-memory back-off in the lesion and patching sweeps (medmap.techniques.sweep).
 
 A chunk that runs out of memory is recomputed in halved micro-batches; its cells keep the keys
 of the chunk (so a resumed run finds them) and are stored only once every micro-batch is done.
@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medmap.causal import lesion, patch
 from medmap.errors import MedmapError
-from medmap.hooks import count_hooks
+from medmap.model.sites import count_hooks
+from medmap.techniques import lesion, patch
 from oom import oom_above
 from tiny import make_tiny
 

@@ -10,8 +10,8 @@ import torch
 
 import medmap
 from medmap.errors import MedmapError
-from medmap.hooks import count_hooks
-from medmap.store import open_store
+from medmap.model.sites import count_hooks
+from medmap.techniques.capture.store import open_store
 from tiny import ARCHS, make_tiny
 
 PROMPTS = [
@@ -82,7 +82,7 @@ def test_spans_survive_padding():
 
 
 def test_bucketing_keeps_input_order_and_values(monkeypatch):
-    import medmap.activations as act
+    import medmap.techniques.capture as act
 
     m = make_tiny("llama")
     prompts = PROMPTS * 3  # lengths interleave long, short, tiny

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import medmap
-from medmap.causal import answer_token, lesion, patch, saliency_items
-from medmap.causal.targets import encode_targets
-from medmap.hooks import SkipBlocks, TraceBlocks, count_hooks
-from medmap.registry import BUNDLED_MODELS
-from medmap.tokens import encode, span_tokens
+from medmap.model.registry import BUNDLED_MODELS
+from medmap.model.sites import SkipBlocks, TraceBlocks, count_hooks
+from medmap.model.targets import encode_targets
+from medmap.model.tokens import encode, span_tokens
+from medmap.techniques import answer_token, lesion, patch, saliency_items
 
 pytestmark = pytest.mark.real
 

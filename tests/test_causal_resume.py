@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from medmap.causal import lesion, patch, saliency_items
-from medmap.causal.cells import CellCache
-from tiny_models import make_tiny
+from medmap.run.cells import CellCache
+from medmap.techniques import lesion, patch, saliency_items
+from tiny import make_tiny
 
 PROMPTS = [
     "A 47-year-old woman presents with",
@@ -116,8 +116,12 @@ class _Target:
 class _FakeSet:
     name = "fake"
 
+    def __init__(self, max_items=None):
+        self.max_items = max_items
+
     def targets(self):
-        return [_Target(i, p, t, (0, 1)) for i, (p, t) in enumerate(zip(PROMPTS, TARGETS))]
+        out = [_Target(i, p, t, (0, 1)) for i, (p, t) in enumerate(zip(PROMPTS, TARGETS))]
+        return out[: self.max_items]
 
 
 class _Pair:
@@ -134,10 +138,19 @@ def fake_cli(monkeypatch):
     import sys
     import types
 
-    import medmap.cli_causal as cc
+    import medmap.run.execute as ex
+    import medmap.run.runner as rr
+    from medmap.techniques.base import RunContext
 
+    # The commands run through the runner: give it the tiny model and the fake set.
     model = make_tiny("llama", seed=30)
-    monkeypatch.setattr(cc, "_load", lambda m, c, d, dm: (model, _FakeSet()))
+    monkeypatch.setattr(rr, "preflight", lambda cfg, load: None)
+    monkeypatch.setattr(ex, "model_for", lambda cfg: model)
+    monkeypatch.setattr(ex, "concept_sets_for", lambda cfg: ["fake"])
+    monkeypatch.setattr(ex, "_set_name", lambda spec: "fake")
+    monkeypatch.setattr(
+        RunContext, "load_set", lambda self, spec, t: _FakeSet(self.config.max_items)
+    )
     fake = types.ModuleType("medmap.concepts")
     fake.counterfactual_pairs = lambda cs, tok, max_pairs, seed: [_Pair(i) for i in range(3)][
         :max_pairs
@@ -157,8 +170,9 @@ def test_cli_lesion_writes_tables_and_resumes(fake_cli, tmp_path):
     assert set(tidy["metric"]) == {"delta_nll", "delta_top1", "delta_topk"}
     assert (tidy["concept_set"] == "fake").all()
     assert sorted(items["item_id"].unique()) == ["it0/t", "it1/t", "it2/t", "it3/t"]
-    n_cells = len(list((out / "cells").glob("*.parquet")))
+    n_cells = len(list((out / "cells" / "lesion" / "fake").glob("lesion-*.parquet")))
     assert n_cells == 3  # one chunk of 4 items × 3 layers
+    assert (out / "manifest.json").exists() and not (out / ".lock").exists()
     assert main([*args, "--n-boot", "20"]) == 0
     pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), tidy)
 
@@ -218,7 +232,7 @@ def test_cli_saliency_and_patch(fake_cli, tmp_path):
 
 
 def test_concept_wrappers_return_tidy_rows(fake_cli):
-    from medmap.causal import lesion_concepts, patch_concepts, weight_saliency_concepts
+    from medmap.techniques import lesion_concepts, patch_concepts, weight_saliency_concepts
 
     cs = _FakeSet()
     les = lesion_concepts(fake_cli, cs, max_items=2, layers=[1], n_boot=20)

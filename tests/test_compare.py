@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from medmap.analysis.compare import cka_matrix, compare_runs, debiased_cka, linear_cka
 from medmap.cli import main
-from medmap.compare import cka_matrix, compare_runs, debiased_cka, linear_cka
 from medmap.report.synthetic import make_synthetic_run
 
 

@@ -353,8 +353,8 @@ def test_cli_list_show_validate(tmp_path, capsys):
 
 
 def test_knows_matches_plain_transformers(tmp_path):
-    from medmap.concepts.knows import known_fraction, knows
-    from tiny_models import make_tiny
+    from medmap.techniques.knowledge import known_fraction, knows
+    from tiny import make_tiny
 
     m = make_tiny("llama")
     cs = load_file(write(tmp_path, "mini.yaml", GOOD_YAML))
@@ -371,7 +371,9 @@ def test_knows_matches_plain_transformers(tmp_path):
         assert row.logprob == pytest.approx(want, abs=1e-4)
         first = logp[n_prompt - 1]
         assert row.rank == int((first > first[ids[n_prompt]]).sum())
-        assert row.known == (row.rank < 5)
+        assert row.first_token_known == (row.rank < 5)  # the old first-token criterion, kept
+        # known = forced choice: the best accepted answer beats every distractor
+        assert row.known == (row.margin > 0)
     frac = known_fraction(df)
     assert frac.loc[0, "n"] == 3
     assert frac.loc[0, "known"] == pytest.approx(df.known.mean())

@@ -10,10 +10,10 @@ import sys
 import pandas as pd
 import pytest
 
-from medmap.config import RunConfig, build_config, preset
+from medmap.analysis.results import make_rows
 from medmap.errors import ConfigError, MedmapError
-from medmap.results import make_rows
-from medmap.rundir import RunDir, RunLock
+from medmap.run.config import RunConfig, build_config, preset
+from medmap.run.rundir import RunDir, RunLock
 
 
 def test_presets_validate_and_differ():
@@ -130,7 +130,7 @@ def test_paper_configs_validate():
         for p in (Path(__file__).parents[1] / "configs" / "paper").glob("*.toml")
         if p.name != "sweep.toml"
     )
-    assert len(paper) == 5
+    assert len(paper) == 13  # the paper's 5 models, Llama-3.1-8B, Qwen2.5-32B, 6 medical models
     models = set()
     for f in paper:
         cfg = build_config(preset_name="full", config_file=f)
@@ -140,4 +140,13 @@ def test_paper_configs_validate():
         "meta-llama/Llama-3.3-70B-Instruct",
         "google/gemma-3-27b-it",
         "google/medgemma-27b-text-it",
+        "Qwen/Qwen2.5-32B-Instruct",
+        "Qwen/Qwen3-32B",
+        "openai/gpt-oss-120b",
+        "aaditya/Llama3-OpenBioLLM-70B",
+        "axiong/PMC_LLaMA_13B",
+        "wanglab/ClinicalCamel-70B",
+        "Writer/Palmyra-Med-70B-32K",
+        "epfl-llm/meditron-70b",
+        "FreedomIntelligence/HuatuoGPT-o1-70B",
     } <= models

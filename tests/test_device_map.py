@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import medmap
-from medmap.hooks import SkipBlocks
+from medmap.model.sites import SkipBlocks
 from tiny import make_hf, tokenizer
 
 PROMPTS = ["A 47-year-old woman presents with chest pain radiating to the left arm.", "Hi there"]
@@ -60,7 +60,7 @@ def test_lesion_hook_same_as_unsplit(models):
 
 
 def test_lesion_sweep_same_as_unsplit(models):
-    from medmap.causal import lesion
+    from medmap.techniques import lesion
 
     plain, split = models
     prompts = ["Metformin is a first-line treatment for", "The capital of France is"]
@@ -73,7 +73,7 @@ def test_lesion_sweep_same_as_unsplit(models):
 
 
 def test_patching_same_as_unsplit(models):
-    from medmap.causal import patch
+    from medmap.techniques import patch
 
     plain, split = models
     tok = plain.tokenizer
@@ -94,7 +94,7 @@ def test_patching_same_as_unsplit(models):
 
 def test_saliency_same_as_unsplit(models):
     """Offloaded weights' gradients are taken from accelerate's per-forward copies: same sums."""
-    from medmap.causal.saliency import saliency_items
+    from medmap.techniques.saliency import saliency_items
 
     plain, split = models
     prompts = ["Metformin is a first-line treatment for", "The capital of France is"]
@@ -119,8 +119,8 @@ def test_saliency_same_as_unsplit(models):
 
 def test_offloaded_blocks_get_no_gradient_without_the_forward_wrappers(models):
     """Why GradReducer wraps accelerate's forwards: hooks on the parameters alone miss them."""
-    from medmap.causal.gradstats import GradReducer
-    from medmap.causal.saliency import item_loss, param_groups
+    from medmap.techniques.saliency import item_loss, param_groups
+    from medmap.techniques.saliency.gradstats import GradReducer
 
     _, split = models
     pg = param_groups(split)

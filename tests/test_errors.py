@@ -21,7 +21,7 @@ import medmap
 from medmap.batching import is_oom, run_with_backoff
 from medmap.cli import main
 from medmap.errors import MedmapError
-from medmap.hooks import count_hooks
+from medmap.model.sites import count_hooks
 from oom import oom_above
 from tiny import make_hf, tokenizer
 
@@ -206,7 +206,7 @@ def _gguf_garbage(tiny_dir, tmp_path, monkeypatch):
 
 def _gguf_cut(tiny_dir, tmp_path, monkeypatch):
     """The real SmolLM2 GGUF cut in half: a valid header whose tensor data ends early."""
-    from medmap.registry import BUNDLED_MODELS
+    from medmap.model.registry import BUNDLED_MODELS
 
     m = BUNDLED_MODELS["smollm2-135m"]
     if not m.is_installed():
@@ -658,7 +658,7 @@ def test_disk_full_while_allocating_the_store(tiny_dir, tmp_path, monkeypatch, c
 
 
 def test_disk_full_while_writing_json(tmp_path, monkeypatch):
-    from medmap.rundir import write_json_atomic
+    from medmap.run.rundir import write_json_atomic
 
     monkeypatch.setattr(json, "dump", _enospc)
     with pytest.raises(MedmapError, match=r"disk full while writing .*config\.json") as e:
@@ -687,7 +687,7 @@ def test_output_directory_not_writable(cmd, tiny_dir, tmp_path, monkeypatch, cap
     # permission bits (what chmod 500 does for a normal user)
     ro = tmp_path / "ro"
     ro.mkdir()
-    monkeypatch.setattr("medmap.outputs._writable", lambda d: False)
+    monkeypatch.setattr("medmap.run.outputs._writable", lambda d: False)
     argv[4] = ro / "run"
     assert_error(argv, capsys, "is not writable (permission denied", "choose --out in a directory")
     assert list(ro.iterdir()) == []
@@ -720,7 +720,7 @@ def _cli_under_oom(cmd: str, module: str, attr: str, monkeypatch, capsys, tmp_pa
 def test_out_of_memory_in_saliency_names_the_item(monkeypatch, capsys, tmp_path):
     """saliency computes one item per pass: no batch to shrink, a one-line error naming it."""
     line, _ = _cli_under_oom(
-        "saliency", "medmap.causal.saliency", "item_loss", monkeypatch, capsys, tmp_path
+        "saliency", "medmap.techniques.saliency", "item_loss", monkeypatch, capsys, tmp_path
     )
     assert "out of memory (OutOfMemoryError) in the backward pass of saliency item 0" in line
     assert "--dtype bfloat16" in line and "--device-map auto" in line
@@ -729,7 +729,7 @@ def test_out_of_memory_in_saliency_names_the_item(monkeypatch, capsys, tmp_path)
 def test_out_of_memory_in_lesion_backs_off_to_one_item(monkeypatch, capsys, tmp_path):
     """lesion halves its batch down to one item before it gives up (with a one-line error)."""
     line, out = _cli_under_oom(
-        "lesion", "medmap.causal.lesion", "_lesion_chunk", monkeypatch, capsys, tmp_path
+        "lesion", "medmap.techniques.lesioning", "_lesion_chunk", monkeypatch, capsys, tmp_path
     )
     assert "out of memory with a batch of 1 item (item 0)" in line
     assert "--dtype bfloat16" in line
@@ -739,6 +739,6 @@ def test_out_of_memory_in_lesion_backs_off_to_one_item(monkeypatch, capsys, tmp_
 def test_out_of_memory_elsewhere_is_one_line(monkeypatch, capsys, tmp_path):
     """A stage without its own handling (here the representation scores) still gets one line."""
     line, _ = _cli_under_oom(
-        "umap", "medmap.represent.api", "_layer_rows", monkeypatch, capsys, tmp_path
+        "umap", "medmap.techniques.representation.api", "_layer_rows", monkeypatch, capsys, tmp_path
     )
     assert "out of memory (OutOfMemoryError) (lower --batch-size" in line

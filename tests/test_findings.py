@@ -9,16 +9,15 @@ import pandas as pd
 import pytest
 from scipy.stats import spearmanr
 
-from medmap.findings import (
+from medmap.analysis.findings import (
     CIRCULARITY_MIN,
     FINDINGS,
     JUMP_RATIO_MIN,
-    MONOTONICITY_MAX,
     findings_table,
 )
-from medmap.maps import knowledge_map
+from medmap.analysis.maps import knowledge_map
+from medmap.analysis.results import make_rows
 from medmap.report.synthetic import synthetic_table
-from medmap.results import make_rows
 
 N = 8  # blocks of the toy model: layers 0..8, relative depth layer / 8
 LAYERS = np.arange(N + 1)
@@ -62,6 +61,7 @@ def finding(table: pd.DataFrame, name: str, model: str = "toy") -> pd.Series:
 
 
 AGES = np.arange(10, 31)  # 10..30, all two-digit: one token-count class, every step controlled
+NULL = (1.5, 1.2, 1.8)  # a smooth-null row: mean, 95 % range
 
 
 def age_ratio(jump: float) -> tuple[float, float, float]:
@@ -73,31 +73,43 @@ def age_ratio(jump: float) -> tuple[float, float, float]:
     return float(steps.max() / np.median(steps)), float(AGES[j]), float(AGES[j + 1])
 
 
-def age_table(jumps: list[float], half: float = 0.5) -> pd.DataFrame:
+def null_rows(metric, null, *, cset, label, n=N + 1) -> list[dict]:
+    v, lo, hi = (np.full(n, x, float) if np.isscalar(x) else np.asarray(x, float) for x in null)
+    return rows(metric, v, cset=cset, label=label, lo=lo, hi=hi)
+
+
+def age_table(jumps: list[float], half: float = 0.5, null=NULL, control=None) -> pd.DataFrame:
     ratios = [age_ratio(j)[0] for j in jumps]
     at = [age_ratio(j)[2] for j in jumps]
     frm = [age_ratio(j)[1] for j in jumps]
     r = rows("age_jump_ratio", ratios, cset="ages", label="age", half=half)
     for row, f in zip(rows("age_jump_at", at, cset="ages", label="age"), frm):
         r.append(row | {"age_from": f})
+    if null is not None:
+        r += null_rows("age_jump_ratio_smooth_null", null, cset="ages", label="age")
+    if control is not None:  # the years control set: its own controlled ratio per layer
+        r += rows("age_jump_ratio", control, cset="years", label="year", half=half)
     return make_rows(r)
 
 
 def test_age_discontinuity_present_and_where():
-    jumps = [0.0, 0.0, 1.0, 4.0, 2.0, 0.5, 0.0, 0.0, 0.0]  # the code jumps most at layer 3
+    # the code jumps most at layer 3, and clears the rule at layers 2-4 (3 consecutive layers)
+    jumps = [0.0, 0.0, 2.0, 4.0, 2.5, 0.5, 0.0, 0.0, 0.0]
     t = age_table(jumps)
     ratios = np.array([age_ratio(j)[0] for j in jumps])
     k = int(np.argmax(ratios))
     assert k == 3 and ratios[k] == pytest.approx(5.0)  # step 1 + 4 over median step 1
-    assert ratios[k] - 0.5 > JUMP_RATIO_MIN  # constructed to clear the rule
+    assert ratios[k] - 0.5 > max(JUMP_RATIO_MIN, NULL[2])  # constructed to clear the rule
     f = finding(t, "age_discontinuity")
     assert f["present"]
     assert f["value"] == pytest.approx(ratios[k])
     assert (f["ci_low"], f["ci_high"]) == pytest.approx((ratios[k] - 0.5, ratios[k] + 0.5))
+    assert (f["null_value"], f["null_ci_low"], f["null_ci_high"]) == pytest.approx(NULL)
     _, a_from, a_to = age_ratio(jumps[k])
     assert (a_from, a_to) == (17, 18)
     assert f"age {a_from:g}→{a_to:g}" in f["where"]
     assert f"layer {k} " in f["where"] and f"{k / N:.2f}" in f["where"]
+    assert "no control set" in f["detail"] and np.isnan(f["control_value"])
 
 
 def test_age_discontinuity_absent():
@@ -114,25 +126,76 @@ def test_age_discontinuity_absent():
     assert not f0["present"] and f0["value"] == pytest.approx(1.0)
 
 
+def test_age_discontinuity_needs_the_null_and_the_control():
+    jumps = [0.0, 0.0, 2.0, 4.0, 2.5, 0.5, 0.0, 0.0, 0.0]  # ratios 3, 5, 3.5 (± 0.5) at 2-4
+    # a smooth null reaching 6 at every layer: the jump is what a smooth curve gives
+    f = finding(age_table(jumps, null=(5.0, 4.0, 6.0)), "age_discontinuity")
+    assert not f["present"] and f["null_ci_high"] == pytest.approx(6.0)
+    # no null rows at all (a map from before the nulls): nothing is claimed
+    f = finding(age_table(jumps, null=None), "age_discontinuity")
+    assert not f["present"] and "no null rows" in f["detail"]
+    # the years control jumps as much at layer 3: only 2 + 4 remain, no 3 consecutive layers
+    ctl = np.ones(N + 1)
+    ctl[3] = 4.8
+    f = finding(age_table(jumps, control=ctl), "age_discontinuity")
+    assert not f["present"]
+    assert f["control_set"] == "years" and f["control_value"] == pytest.approx(4.8)
+    # a flat control leaves it standing
+    f = finding(age_table(jumps, control=np.ones(N + 1)), "age_discontinuity")
+    assert f["present"] and f["control_value"] == pytest.approx(1.0)
+    assert (f["control_ci_low"], f["control_ci_high"]) == pytest.approx((0.5, 1.5))
+
+
 def test_age_discontinuity_without_ci_uses_the_value():
-    ratios = [age_ratio(j)[0] for j in [0, 0, 0, 3.0, 0, 0, 0, 0, 0]]  # 4.0 at layer 3
-    t = make_rows(rows("age_jump_ratio", ratios, cset="ages", label="age"))
-    f = finding(t, "age_discontinuity")
+    ratios = [age_ratio(j)[0] for j in [0, 0, 3.0, 3.0, 3.0, 0, 0, 0, 0]]  # 4.0 at layers 2-4
+    r = rows("age_jump_ratio", ratios, cset="ages", label="age")
+    r += null_rows("age_jump_ratio_smooth_null", NULL, cset="ages", label="age")
+    f = finding(make_rows(r), "age_discontinuity")
     assert f["present"] and np.isnan(f["ci_low"]) and "age ?" in f["where"]
+    # one isolated layer clearing its null is what ~30 tests give by chance: not claimed
+    ratios = [age_ratio(j)[0] for j in [0, 0, 0, 3.0, 0, 0, 0, 0, 0]]
+    r = rows("age_jump_ratio", ratios, cset="ages", label="age")
+    r += null_rows("age_jump_ratio_smooth_null", NULL, cset="ages", label="age")
+    assert not finding(make_rows(r), "age_discontinuity")["present"]
+
+
+def test_age_break_17_18_against_its_null():
+    pct = np.full(N + 1, 0.5)
+    pct[3:6] = 1.0
+    r = rows("age_step_percentile", pct, cset="ages", label="age", half=0.01, age_from=17.0)
+    r += null_rows("age_step_percentile_smooth_null", (0.5, 0.05, 0.95), cset="ages", label="age")
+    ratio = np.full(N + 1, 1.0)
+    ratio[3:6] = [5.0, 6.0, 5.0]
+    r += rows("age_step_ratio", ratio, cset="ages", label="age", half=0.5)
+    r += null_rows("age_step_ratio_smooth_null", NULL, cset="ages", label="age")
+    f = finding(make_rows(r), "age_break_17_18")
+    assert f["present"] and "layer 4 " in f["where"] and "17→18" in f["where"]
+    assert f["value"] == pytest.approx(1.0)
+    assert (f["null_ci_low"], f["null_ci_high"]) == pytest.approx((0.05, 0.95))
+    # the same step is typical of the smooth null: absent
+    r2 = [x for x in r if x["metric"] != "age_step_ratio_smooth_null"]
+    r2 += null_rows("age_step_ratio_smooth_null", (5.0, 3.0, 8.0), cset="ages", label="age")
+    r2 = [x for x in r2 if x["metric"] != "age_step_percentile_smooth_null"]
+    r2 += null_rows("age_step_percentile_smooth_null", (0.8, 0.3, 1.0), cset="ages", label="age")
+    assert not finding(make_rows(r2), "age_break_17_18")["present"]
 
 
 # ---------------------------------------------------------------------------------------------
 # Progression circularity
 
 
-def path_scores(p: np.ndarray) -> tuple[float, float]:
-    """``(circularity, monotonicity)`` of a stage path by the definitions in docs/detectors.md."""
+def path_scores(p: np.ndarray) -> tuple[float, float, float]:
+    """``(circularity, monotonicity, closed-tour ratio)`` of a stage path by the definitions in
+    docs/detectors.md."""
     steps = np.linalg.norm(np.diff(p, axis=0), axis=1).sum()
     circ = 1 - np.linalg.norm(p[-1] - p[0]) / steps
     c = p - p.mean(0)
     pc1 = np.linalg.svd(c, full_matrices=False)[2][0]
     mono = abs(spearmanr(np.arange(len(p)), c @ pc1).statistic)
-    return float(circ), float(mono)
+    s = len(p)
+    pair = np.linalg.norm(p[:, None] - p[None], axis=-1).sum() / (s * (s - 1))
+    tour = (steps + np.linalg.norm(p[-1] - p[0])) / (s * pair)
+    return float(circ), float(mono), float(tour)
 
 
 S = 8
@@ -140,16 +203,23 @@ STAGE = np.arange(S)
 LINE = np.stack([STAGE, np.zeros(S)], 1).astype(float)  # straight, in stage order
 ELLIPSE = np.stack([2 * np.cos(2 * np.pi * STAGE / S), np.sin(2 * np.pi * STAGE / S)], 1)
 ZIGZAG = np.stack([STAGE, 4.0 * (STAGE % 2)], 1).astype(float)  # long path, monotone drift
+SCATTER = np.random.default_rng(3).normal(size=(S, 2))  # no order at all
+TOUR_NULL = (1.0, 0.85, 1.15)  # random stage orders: expectation exactly 1
 
 
 def progression_table(paths: list[np.ndarray]) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     scores = np.array([path_scores(p) for p in paths])
-    circ, mono = scores[:, 0], scores[:, 1]
+    circ, mono, tour = scores[:, 0], scores[:, 1], scores[:, 2]
     r = rows("progression_circularity", circ, cset="progression", label="mean", half=0.05)
     r += rows("progression_monotonicity", mono, cset="progression", label="mean", half=0.05)
+    r += rows("progression_tour_ratio", tour, cset="progression", label="mean", half=0.03)
+    r += null_rows("progression_tour_ratio_perm_null", TOUR_NULL, cset="progression", label="mean")
+    r += null_rows(
+        "progression_circularity_perm_null", (0.8, 0.7, 0.9), cset="progression", label="mean"
+    )
     # per-series rows must not be mistaken for the mean
     r += rows("progression_circularity", np.full(N + 1, 0.99), cset="progression", label="s1")
-    return make_rows(r), circ, mono
+    return make_rows(r), circ, tour
 
 
 def blend(w: float) -> np.ndarray:
@@ -157,37 +227,54 @@ def blend(w: float) -> np.ndarray:
 
 
 def test_progression_circularity_present():
-    weights = [0.0, 0.1, 0.3, 0.6, 1.0, 0.8, 0.4, 0.1, 0.0]  # a closed loop at layer 4
-    t, circ, mono = progression_table([blend(w) for w in weights])
+    weights = [0.0, 0.1, 0.3, 0.9, 1.0, 0.9, 0.4, 0.1, 0.0]  # a closed loop at layers 3-5
+    t, circ, tour = progression_table([blend(w) for w in weights])
     k = int(np.argmax(circ))
-    assert k == 4
+    assert k in (3, 4, 5)
     # 8 points on a circle: the closing chord is one of 8 equal sides -> 1 - 1/7 (0.86)
     circle = np.stack([np.cos(2 * np.pi * STAGE / S), np.sin(2 * np.pi * STAGE / S)], 1)
     assert path_scores(circle)[0] == pytest.approx(1 - 1 / 7)
-    assert circ[k] > CIRCULARITY_MIN and mono[k] < MONOTONICITY_MAX
-    assert circ[0] == pytest.approx(0.0) and mono[0] == pytest.approx(1.0)  # straight line
+    assert tour[k] + 0.03 < TOUR_NULL[1]  # the loop's closed tour is short
     f = finding(t, "progression_circularity")
     assert f["present"]
-    assert f["value"] == pytest.approx(circ[k])
-    assert (f["ci_low"], f["ci_high"]) == pytest.approx((circ[k] - 0.05, circ[k] + 0.05))
+    assert f["value"] == pytest.approx(tour[k])
+    assert (f["ci_low"], f["ci_high"]) == pytest.approx((tour[k] - 0.03, tour[k] + 0.03))
+    assert (f["null_value"], f["null_ci_low"], f["null_ci_high"]) == pytest.approx(TOUR_NULL)
     assert f"layer {k} " in f["where"]
-    assert f"{mono[k]:.2f}" in f["detail"]
+    assert f"circularity {circ[k]:.2f}" in f["detail"] and "[0.70, 0.90]" in f["detail"]
 
 
 def test_progression_circularity_absent():
-    # straight paths: circularity 0, monotonicity 1
-    t, circ, mono = progression_table([LINE] * (N + 1))
+    # straight paths: circularity 0 (their closed tour is short too: out and back)
+    t, circ, tour = progression_table([LINE] * (N + 1))
+    assert tour[0] < TOUR_NULL[1]
     f = finding(t, "progression_circularity")
-    assert not f["present"] and f["value"] == pytest.approx(0.0)
+    assert not f["present"]
     # a long zig-zag path is "circular" by path length but still progresses monotonically
-    t, circ, mono = progression_table([LINE] * 4 + [ZIGZAG] + [LINE] * 4)
-    assert circ[4] > CIRCULARITY_MIN and mono[4] >= MONOTONICITY_MAX
+    t, circ, _ = progression_table([LINE] * 4 + [ZIGZAG] + [LINE] * 4)
+    assert circ[4] > CIRCULARITY_MIN
+    assert not finding(t, "progression_circularity")["present"]
+    # an ordered path that bends back only part of the way: circularity above 0.5 but below
+    # what the same points give in random order (SmolLM2's progression at most layers)
+    t, circ, _ = progression_table([blend(0.6)] * (N + 1))
+    t = t[t["metric"] != "progression_circularity_perm_null"]
+    t = pd.concat([t, make_rows(null_rows("progression_circularity_perm_null", (0.8, circ[0] + 0.1, 0.9), cset="progression", label="mean"))])  # fmt: skip
+    assert circ[0] > CIRCULARITY_MIN
     f = finding(t, "progression_circularity")
-    assert not f["present"] and f["value"] == pytest.approx(circ[4])
+    assert not f["present"] and "returns at 0," in f["detail"]
+    # points in no order: circularity at its floor (> 0.5) but the tour is a random one
+    t, circ, tour = progression_table([SCATTER] * (N + 1))
+    assert circ[0] > CIRCULARITY_MIN and TOUR_NULL[1] < tour[0] < TOUR_NULL[2]
+    assert not finding(t, "progression_circularity")["present"]
     # circular but the monotonicity at that layer is unknown: not claimed
     t, circ, _ = progression_table([blend(1.0)] * (N + 1))
     t = t[t["metric"] != "progression_monotonicity"]
     assert not finding(t, "progression_circularity")["present"]
+    # no null rows: not claimed
+    t, _, _ = progression_table([blend(1.0)] * (N + 1))
+    t = t[t["metric"] != "progression_tour_ratio_perm_null"]
+    f = finding(t, "progression_circularity")
+    assert not f["present"] and "no null rows" in f["detail"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,15 +282,18 @@ def test_progression_circularity_absent():
 
 
 MIDDLE_LAYERS = LAYERS[(DEPTH >= 0.25) & (DEPTH <= 0.75)]  # 2..6
+SPEC_NULL = (0.0, -0.05, 0.05)
 
 
-def spec_table(values, half=0.08, metric="specialty_minus_mechanism_purity_excess"):
-    return make_rows(rows(metric, values, cset="drugs", label="specialty-mechanism", half=half))
+def spec_table(values, half=0.08, metric="specialty_minus_mechanism_purity_excess", null=SPEC_NULL):
+    r = rows(metric, values, cset="drugs", label="specialty-mechanism", half=half)
+    r += null_rows(f"{metric}_perm_null", null, cset="drugs", label="specialty-mechanism")
+    return make_rows(r)
 
 
 def expected_spec(values, half=0.08):
     v = np.asarray(values, float)[MIDDLE_LAYERS]
-    pos, neg = int((v - half > 0).sum()), int((v + half < 0).sum())
+    pos, neg = int((v - half > SPEC_NULL[2]).sum()), int((v + half < SPEC_NULL[1]).sum())
     sign = "specialty" if pos > len(v) / 2 else "mechanism" if neg > len(v) / 2 else "mixed"
     return v.mean(), pos, neg, sign
 
@@ -212,9 +302,11 @@ def expected_spec(values, half=0.08):
     ("values", "sign"),
     [
         # specialty in 3 of the 5 middle layers; outer layers lean to mechanism (ignored)
-        ([-0.2, -0.1, 0.1, 0.2, 0.3, 0.05, -0.1, -0.2, -0.3], "specialty"),
-        ([0.2, 0.1, -0.1, -0.2, -0.3, -0.05, 0.1, 0.2, 0.3], "mechanism"),
+        ([-0.2, -0.1, 0.15, 0.2, 0.3, 0.05, -0.1, -0.2, -0.3], "specialty"),
+        ([0.2, 0.1, -0.15, -0.2, -0.3, -0.05, 0.1, 0.2, 0.3], "mechanism"),
         ([0.3, 0.3, 0.2, 0.2, -0.2, -0.2, 0.0, 0.3, 0.3], "mixed"),
+        # above 0 but inside the null's range + CI: not claimed
+        ([0.0, 0.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.0, 0.0], "mixed"),
     ],
 )
 def test_specialty_vs_mechanism_sign_by_layer(values, sign):
@@ -224,27 +316,19 @@ def test_specialty_vs_mechanism_sign_by_layer(values, sign):
     assert f["present"] == (sign == "specialty")
     assert f["value"] == pytest.approx(mean)
     assert (f["ci_low"], f["ci_high"]) == pytest.approx((mean - 0.08, mean + 0.08))
-    assert f["where"].startswith(f"{sign}: CI > 0 at {pos}/5 middle layers, < 0 at {neg}")
-    # over all 9 layers
-    v = np.asarray(values)
-    assert f"({int((v - 0.08 > 0).sum())} above, {int((v + 0.08 < 0).sum())} below)" in f["detail"]
+    assert (f["null_ci_low"], f["null_ci_high"]) == pytest.approx(SPEC_NULL[1:])
+    assert f["where"].startswith(f"{sign}: above the null at {pos}/5 middle layers, below at {neg}")
 
 
-def test_specialty_vs_mechanism_excess_preferred_and_purity_fallback():
-    spec = [0.0, 0.0, 0.2, 0.2, 0.2, 0.2, 0.2, 0.0, 0.0]
-    mech = [-v for v in spec]
-    # plain purity says specialty, the chance-corrected excess says mechanism: excess wins
-    t = pd.concat(
-        [spec_table(spec, metric="specialty_minus_mechanism_purity"), spec_table(mech)],
-        ignore_index=True,
-    )
+def test_specialty_vs_mechanism_umap30_is_its_own_finding():
+    v = [0.0, 0.0, 0.2, 0.2, 0.2, 0.2, 0.2, 0.0, 0.0]
+    t = spec_table(v, metric="specialty_minus_mechanism_silhouette_umap30")
+    assert finding(t, "specialty_vs_mechanism_umap30")["present"]
     f = finding(t, "specialty_vs_mechanism")
-    assert not f["present"] and f["where"].startswith("mechanism")
-    assert "purity_excess" in f["detail"]
-    f = finding(
-        spec_table(spec, metric="specialty_minus_mechanism_purity"), "specialty_vs_mechanism"
-    )
-    assert f["present"] and f["value"] == pytest.approx(0.2)
+    assert not f["present"] and f["detail"].startswith("no ")
+    # without the null rows nothing is claimed
+    t = t[~t["metric"].str.endswith("_perm_null")]
+    assert not finding(t, "specialty_vs_mechanism_umap30")["present"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,60 +344,56 @@ FLAT = np.full(N + 1, 10.0)
 DECLINE = 10 - 8 * DEPTH  # falls and never recovers
 
 
-def collapse_flag(r: np.ndarray) -> int:
-    """The detector's rule (docs/detectors.md): min over intermediate layers below half of both
-    the early maximum (depth <= 0.25) and the last layer's value."""
+def collapse_ratio(r: np.ndarray) -> float:
+    """The detector's ratio (docs/detectors.md): min over intermediate layers over the smaller
+    of the early maximum (depth <= 0.25) and the last layer's value."""
     early = DEPTH <= 0.25
-    layers = LAYERS
-    inner = (layers > layers[early].max()) & (layers < layers[-1])
-    ratio = r[inner].min() / min(r[early].max(), r[-1])
-    return int(ratio < 0.5)
+    inner = (LAYERS[early].max() < LAYERS) & (LAYERS[-1] > LAYERS)
+    return float(r[inner].min() / min(r[early].max(), r[-1]))
 
 
-def collapse_table(profiles: dict[str, np.ndarray]) -> pd.DataFrame:
+def collapse_table(profiles: dict[str, np.ndarray], half=0.05) -> pd.DataFrame:
     r = []
     for cset, prof in profiles.items():
+        ratio = collapse_ratio(prof)
+        flag = [int(ratio < 0.5)]
         r += rows("effective_rank", prof, cset=cset, technique="geometry", half=0.5)
-        r += rows("collapse_recover", [collapse_flag(prof)], cset=cset, layers=[-1])
+        r += rows("collapse_ratio", [ratio], cset=cset, layers=[-1], half=half)
+        # the flag's CI is the flag of the ratio's CI ends
+        r += rows("collapse_recover", flag, cset=cset, layers=[-1],
+                  lo=[int(ratio + half < 0.5)], hi=[int(ratio - half < 0.5)])  # fmt: skip
     return make_rows(r)
 
 
-def expected_collapse(profiles: dict[str, np.ndarray]) -> tuple[float, int]:
-    rel = np.mean([p / p.max() for p in profiles.values()], axis=0)
-    inner = rel[1:-1]
-    return float(inner.min()), int(np.argmin(inner)) + 1
-
-
-def test_collapse_recover_present():
-    assert (collapse_flag(U_SHAPE), collapse_flag(FLAT), collapse_flag(DECLINE)) == (1, 0, 0)
-    profiles = {"drugs": U_SHAPE, "ages": U_SHAPE * 1.5, "animals": FLAT}  # 2 of 3 collapse
-    value, layer = expected_collapse(profiles)
-    assert layer == 4
+def test_collapse_recover_present_and_whose_property():
+    assert collapse_ratio(U_SHAPE) < 0.5 < min(collapse_ratio(FLAT), collapse_ratio(DECLINE))
+    profiles = {"drugs": U_SHAPE, "ages": U_SHAPE * 1.5, "animals": FLAT}
     f = finding(collapse_table(profiles), "collapse_recover")
     assert f["present"]
-    assert f["value"] == pytest.approx(value)
-    # CI: the rank's CI (±0.5) relative to each set's maximum, averaged over sets
-    half = np.mean([0.5 / p.max() for p in profiles.values()])
-    assert (f["ci_low"], f["ci_high"]) == pytest.approx((value - half, value + half))
-    assert f"layer {layer} " in f["where"]
-    assert "2/3 concept sets" in f["detail"]
+    assert f["value"] == pytest.approx(collapse_ratio(U_SHAPE))  # mean over the medical sets
+    assert "layer 4 " in f["where"]
+    assert "2/2 medical sets, 0/1 control sets: specific to the medical sets" in f["detail"]
+    assert f["control_set"] == "animals"
+    assert f["control_value"] == pytest.approx(collapse_ratio(FLAT))
+    # the control collapses too: still present, reported as the model's property
+    f = finding(collapse_table({**profiles, "animals": U_SHAPE}), "collapse_recover")
+    assert f["present"] and "a property of the model" in f["detail"]
 
 
 @pytest.mark.parametrize(
-    "profiles",
+    ("profiles", "half"),
     [
-        {"drugs": U_SHAPE, "ages": FLAT, "animals": DECLINE},  # 1 of 3
-        {"drugs": U_SHAPE, "animals": DECLINE},  # exactly half is not "more than half"
-        {"drugs": FLAT, "ages": DECLINE},
+        ({"drugs": U_SHAPE, "ages": FLAT, "animals": DECLINE}, 0.05),  # 1 of 2 medical
+        ({"drugs": FLAT, "ages": DECLINE}, 0.05),
+        # the ratio's CI reaches the fraction: the flag is not sure
+        ({"drugs": U_SHAPE, "ages": U_SHAPE}, 0.4),
     ],
 )
-def test_collapse_recover_absent(profiles):
-    value, _ = expected_collapse(profiles)
-    f = finding(collapse_table(profiles), "collapse_recover")
+def test_collapse_recover_absent(profiles, half):
+    f = finding(collapse_table(profiles, half), "collapse_recover")
     assert not f["present"]
-    assert f["value"] == pytest.approx(value)
-    n_flag = sum(collapse_flag(p) for p in profiles.values())
-    assert f"{n_flag}/{len(profiles)} concept sets" in f["detail"]
+    med = [p for s, p in profiles.items() if s != "animals"]
+    assert f["value"] == pytest.approx(np.mean([collapse_ratio(p) for p in med]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,3 +539,51 @@ def test_missing_data_gives_nan_and_absent():
         assert f.loc[name, "detail"].startswith("no ")
     assert not f.loc["collapse_recover", "present"]
     assert f.loc["first_half", "present"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's Table 1 and interval map
+
+
+def test_paper_table_best_layer_and_null():
+    from medmap.analysis.findings import paper_table
+
+    sil = np.array([0.0, 0.05, 0.1, 0.3, 0.2, 0.1, 0.0, 0.0, 0.0])
+    r = rows("silhouette_umap30", sil, cset="drugs", label="specialty", technique="umap", half=0.02)
+    r += rows("silhouette_umap30", sil / 2, cset="drugs", label="mechanism", technique="umap")
+    r += rows("silhouette_umap30_perm_null", np.full(N + 1, -0.01), cset="drugs",
+              label="specialty", technique="umap", lo=np.full(N + 1, -0.05),
+              hi=np.full(N + 1, 0.03))  # fmt: skip
+    r2 = np.linspace(0.2, 0.9, N + 1)
+    r += rows("probe_r2", r2, cset="ages", label="age", technique="probe")
+    t1 = paper_table(make_rows(r)).set_index("concept")
+    assert set(t1.index) == {"drugs by specialty", "drugs by mechanism", "age R²"}
+    spec = t1.loc["drugs by specialty"]
+    assert spec["best_layer"] == 3 and spec["value"] == pytest.approx(0.3)
+    assert (spec["null_ci_low"], spec["null_ci_high"]) == pytest.approx((-0.05, 0.03))
+    assert np.isnan(t1.loc["drugs by mechanism", "null_value"])
+    assert t1.loc["age R²", "best_layer"] == N and t1.loc["age R²", "value"] == pytest.approx(0.9)
+
+
+def test_paper_intervals_rules():
+    from medmap.analysis.findings import _smooth, paper_intervals, runs_above
+
+    v = np.array([0, 0, 5, 6, 0, 0, 7, 8, 9, 0, 0, 4, 0], float)
+    # 75th percentile of v is 5.25: runs 3..3 (too short), 6..8; 2..3 has a 5 below it
+    assert runs_above(v) == [(6, 8, pytest.approx(8.0))]
+    step = np.where(LAYERS >= 5, 0.4, 0.0)  # the silhouette jumps between layers 4 and 5
+    r = rows("silhouette_umap30", step, cset="drugs", label="specialty", technique="umap")
+    les = np.zeros(N)
+    les[[1, 2]] = [3.0, 3.0]
+    les[[5, 6, 7]] = [1.0, 2.0, 1.0]
+    r += rows("delta_nll", les, cset="drugs", technique="lesion", layers=BLOCKS, window=1)
+    iv = paper_intervals(make_rows(r))
+    rep = iv[iv.technique == "representation"].iloc[0]
+    s = _smooth(step)
+    i = int(np.argmax(s[2:] - s[:-2]))
+    assert (rep["layer_start"], rep["layer_end"]) == (i, i + 2) and i in (3, 4)
+    lesion = iv[iv.technique == "lesion"]
+    sl = _smooth(les)
+    want = runs_above(sl)
+    assert [(a + 1, b + 1) for a, b, _ in want] == list(zip(lesion.layer_start, lesion.layer_end))
+    assert 1 <= len(lesion) <= 3 and (lesion.layer_end - lesion.layer_start >= 1).all()

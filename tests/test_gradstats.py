@@ -9,7 +9,7 @@ import pytest
 import torch
 from accelerate import cpu_offload
 
-from medmap.causal.gradstats import GradReducer, offloaded_modules
+from medmap.techniques.saliency.gradstats import GradReducer, offloaded_modules
 
 
 class Shared(torch.nn.Module):

@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from medmap.adapter import find_layers
-from medmap.causal import lesion, lesion_specificity, lesion_summary
-from medmap.causal.targets import encode_targets
+from medmap.analysis.results import COLUMNS
 from medmap.errors import MedmapError
-from medmap.hooks import SkipBlocks, count_hooks
-from medmap.results import COLUMNS
-from tiny_models import CAUSAL_ARCHS, make_tiny
+from medmap.model.adapter import find_layers
+from medmap.model.sites import SkipBlocks, count_hooks
+from medmap.model.targets import encode_targets
+from medmap.techniques import lesion, lesion_specificity, lesion_summary
+from tiny import CAUSAL_ARCHS, make_tiny
 
 PROMPTS = [
     "A 47-year-old woman presents with",

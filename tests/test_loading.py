@@ -41,7 +41,7 @@ def test_gguf_cache_tokenizer_is_read_in_one_parse(tmp_path, monkeypatch):
     from transformers import AutoTokenizer
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-    from medmap.loading import _load_tokenizer_of
+    from medmap.model.loading import _load_tokenizer_of
 
     d = tmp_path / "cache"
     tokenizer().save_pretrained(d)

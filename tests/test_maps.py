@@ -6,14 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medmap.maps import (
+from medmap.analysis.maps import (
     first_half_fraction,
     knowledge_map,
     row_summary,
     shortest_interval,
 )
+from medmap.analysis.results import COLUMNS, make_rows
 from medmap.report.synthetic import synthetic_table
-from medmap.results import COLUMNS, make_rows
 
 
 def _saliency(model: str, n_layers: int, cset: str, shares: dict[int, float]) -> list[dict]:
@@ -133,7 +133,7 @@ def test_patching_transfer_combines_concept_drop_and_last_rise():
         for pos, vals in (("concept", concept), ("last", last))
         for layer in range(5)
     ]
-    from medmap.maps import patching_transfer
+    from medmap.analysis.maps import patching_transfer
 
     t = patching_transfer(make_rows(rows)).set_index("layer")["raw"]
     want = [0.0]

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from medmap.causal import answer_token, patch, patch_summary
+from medmap.analysis.results import COLUMNS
 from medmap.errors import MedmapError
-from medmap.hooks import TraceBlocks, count_hooks
-from medmap.results import COLUMNS
-from medmap.tokens import encode, span_tokens
-from tiny_models import CAUSAL_ARCHS, make_tiny
+from medmap.model.sites import TraceBlocks, count_hooks
+from medmap.model.tokens import encode, span_tokens
+from medmap.techniques import answer_token, patch, patch_summary
+from tiny import CAUSAL_ARCHS, make_tiny
 
 CLEAN = ["A 47-year-old woman presents with", "The patient took insulin for", "A dog is a"]
 CORRUPT = ["A 80-year-old woman presents with", "The patient took aspirin for", "A cat is a"]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import medmap
-from medmap.loading import convert_gguf, gguf_cache_dir
-from medmap.registry import BUNDLED_MODELS
+from medmap.model.loading import convert_gguf, gguf_cache_dir
+from medmap.model.registry import BUNDLED_MODELS
 
 pytestmark = pytest.mark.real
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from medmap.compare import compare_runs
-from medmap.findings import findings_table
-from medmap.maps import knowledge_map
+from medmap.analysis.compare import compare_runs
+from medmap.analysis.findings import findings_table
+from medmap.analysis.maps import knowledge_map
 from medmap.report.figures import WIDTH, run_figures
 from medmap.report.html import build_report
 from medmap.report.synthetic import make_synthetic_run, synthetic_table
@@ -167,3 +167,20 @@ def test_figures_are_300_dpi_at_column_width(figures):
             assert re.search(r'<svg[^>]*width="252pt"', text), p.name  # 3.5 in × 72 pt
             sizes = [float(s) for s in re.findall(r"font-size: ?([\d.]+)px", text)]
             assert sizes and min(sizes) >= 7, p.name  # legible at column width
+
+
+def test_report_shows_calibration_when_the_run_holds_it(tmp_path):
+    """A run directory with ``medmap calibrate`` results gets a calibration section; one without
+    gets none."""
+    import shutil
+
+    example = Path(__file__).parents[1] / "docs" / "examples" / "calibration-smollm2-135m"
+    plain = make_synthetic_run(tmp_path / "plain", model="m", n_layers=6, n_items=12)
+    html_plain = build_report(plain, figures=False).read_text()
+    assert 'id="calibration"' not in html_plain
+    run = make_synthetic_run(tmp_path / "cal", model="m", n_layers=6, n_items=12)
+    for f in example.glob("calibration*.parquet"):
+        shutil.copy(f, run / f.name)
+    text = build_report(run, figures=False).read_text()
+    assert 'id="calibration"' in text and "Calibration: planted facts" in text
+    assert 'id="edit-test"' not in text

@@ -100,7 +100,7 @@ EVIL = SCRIPT + IMG
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory) -> tuple[Path, Path]:
     """report.html and compare.html of runs whose names and labels carry markup."""
-    from medmap.compare import compare_runs
+    from medmap.analysis.compare import compare_runs
 
     root = tmp_path_factory.mktemp("hostile")
     kw = {

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medmap.represent import representation_scores
-from medmap.represent.detectors import (
+from medmap.techniques.representation import representation_scores
+from medmap.techniques.representation.detectors import (
     anisotropy,
     collapse_ratio,
     effective_rank,
@@ -257,7 +257,7 @@ def test_collapse_ratio_definition():
 
 
 def test_shared_template_bootstrap_cancels_template_shifts():
-    from medmap.represent.features import layer_features, template_bootstrap
+    from medmap.techniques.representation.features import layer_features, template_bootstrap
 
     rng = np.random.default_rng(7)
     n, t = 10, 5
@@ -282,7 +282,7 @@ def test_shared_template_bootstrap_cancels_template_shifts():
 
 
 def test_collapse_ratio_all_nan_profile_is_nan_not_an_error():
-    from medmap.represent.detectors import collapse_ratio
+    from medmap.techniques.representation.detectors import collapse_ratio
 
     ranks = np.array([[np.nan, np.nan, np.nan, np.nan, np.nan], [5.0, 4.0, 1.0, 2.0, 5.0]])
     ratio, where = collapse_ratio(ranks, np.arange(5), 4)

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from medmap.analysis.results import COLUMNS
 from medmap.errors import MedmapError
-from medmap.represent import representation_map
-from medmap.results import COLUMNS
+from medmap.techniques.representation import representation_map
 
 # ---------------------------------------------------------------- a minimal concept set
 
@@ -147,19 +147,19 @@ def test_store_reused_and_precomputed_activations(tiny, tmp_path, monkeypatch):
     first = representation_map(tiny, cs, n_boot=20, umap=False, progress=False, store_dir=store)
     assert (store / "manifest.json").exists()
 
-    import medmap.activations
+    import medmap.techniques.capture
 
     def no_capture(*a, **k):
         raise AssertionError("capture must not run when the store holds the activations")
 
-    monkeypatch.setattr(medmap.activations, "capture", no_capture)
+    monkeypatch.setattr(medmap.techniques.capture, "capture", no_capture)
     again = representation_map(tiny, cs, n_boot=20, umap=False, progress=False, store_dir=store)
     pd.testing.assert_frame_equal(first.table, again.table)
     with pytest.raises(MedmapError, match="other prompts"):
         representation_map(
             tiny, cs, position="last", n_boot=20, umap=False, progress=False, store_dir=store
         )
-    from medmap.store import open_store
+    from medmap.techniques.capture.store import open_store
 
     acts, _ = open_store(store)
     pre = representation_map(

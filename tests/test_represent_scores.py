@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from medmap.analysis.results import COLUMNS
 from medmap.errors import MedmapError
-from medmap.represent import analyse_activations, representation_scores
-from medmap.represent.scores import clean_categorical, spearman_rows
-from medmap.results import COLUMNS
+from medmap.techniques.representation import analyse_activations, representation_scores
+from medmap.techniques.representation.scores import clean_categorical, spearman_rows
 
 N_PER, D = 30, 48
 
@@ -182,7 +182,7 @@ def test_analyse_without_umap_has_empty_coords():
 
 
 def test_ordinal_probe_does_not_extrapolate():
-    from medmap.represent.scores import _cv_predict_reg
+    from medmap.techniques.representation.scores import _cv_predict_reg
 
     rng = np.random.default_rng(2)
     y = np.arange(40.0)

@@ -8,8 +8,8 @@ import pytest
 from scipy.linalg import orthogonal_procrustes
 from sklearn.metrics import silhouette_score
 
-from medmap.represent import analyse_activations
-from medmap.represent.embed import embed_layers, procrustes_align
+from medmap.techniques.representation import analyse_activations
+from medmap.techniques.representation.embed import embed_layers, procrustes_align
 
 D = 32
 

@@ -82,8 +82,8 @@ def test_run_directory_is_complete(reference):
 def test_same_seed_same_table_in_process(run_config, reference, tmp_path):
     import torch
 
-    from medmap.config import build_config
-    from medmap.runner import run_map
+    from medmap.run.config import build_config
+    from medmap.run.runner import run_map
 
     cfg = build_config(config_file=run_config)
     threads = torch.get_num_threads()
@@ -158,9 +158,9 @@ def test_ray_two_local_workers_same_table(run_config, reference, tmp_path):
     pytest.importorskip("ray")
     import ray
 
-    from medmap.config import build_config
-    from medmap.distributed import run_cells_on_ray  # noqa: F401  (import check)
-    from medmap.runner import run_map
+    from medmap.run.config import build_config
+    from medmap.run.ray import run_cells_on_ray  # noqa: F401  (import check)
+    from medmap.run.runner import run_map
 
     cfg = build_config(config_file=run_config)
     try:
@@ -177,7 +177,7 @@ def test_ray_two_local_workers_same_table(run_config, reference, tmp_path):
 
 
 def test_merge_coords_makes_mixed_label_columns_text():
-    from medmap.runner import merge_coords
+    from medmap.run.runner import merge_coords
 
     a = pd.DataFrame({"concept_set": ["ages"] * 2, "x": [0.0, 1.0], "decade": [4, 5]})
     b = pd.DataFrame({"concept_set": ["years"] * 2, "x": [2.0, 3.0], "decade": ["1940s", "1950s"]})
@@ -210,9 +210,9 @@ def test_ray_retries_failed_and_crashed_tasks(run_config, tmp_path):
     pytest.importorskip("ray")
     import ray
 
-    from medmap.config import build_config
     from medmap.errors import MedmapError
-    from medmap.runner import run_map
+    from medmap.run.config import build_config
+    from medmap.run.runner import run_map
 
     cfg_file = tmp_path / "retry.toml"
     model_dir = run_config.parent

@@ -6,17 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from medmap.causal import (
-    classify_block_param,
+from medmap.analysis.results import COLUMNS
+from medmap.model.targets import encode_targets
+from medmap.techniques import (
     saliency_items,
     saliency_specificity,
     saliency_summary,
     weight_saliency,
 )
-from medmap.causal.saliency import param_groups
-from medmap.causal.targets import encode_targets
-from medmap.results import COLUMNS
-from tiny_models import CAUSAL_ARCHS, make_tiny
+from medmap.techniques.saliency import param_groups
+from tiny import CAUSAL_ARCHS, make_tiny
 
 PROMPTS = ["A 47-year-old woman presents with", "Metformin is a first-line treatment for"]
 TARGETS = [" chest pain", " type 2 diabetes"]
@@ -110,27 +109,6 @@ def test_tied_embedding_reported_once():
     emb = df[df["module"] == "embedding"].iloc[0]
     assert emb["numel"] == model.hf.lm_head.weight.numel()
     assert set(df["module"]) == {"embedding", "attention", "mlp", "norm", "block", "final_norm"}
-
-
-@pytest.mark.parametrize(
-    ("name", "module"),
-    [
-        ("self_attn.q_proj.weight", "attention"),
-        ("self_attn.q_norm.weight", "attention"),
-        ("post_attention_layernorm.weight", "norm"),
-        ("input_layernorm.weight", "norm"),
-        ("pre_feedforward_layernorm.weight", "norm"),
-        ("ln_1.weight", "norm"),
-        ("attn.c_attn.bias", "attention"),
-        ("mlp.c_fc.weight", "mlp"),
-        ("feed_forward.w1.weight", "mlp"),
-        ("attention.query_key_value.weight", "attention"),
-        ("block_sparse_moe.experts.0.w1.weight", "mlp"),
-        ("weird.weight", "other"),
-    ],
-)
-def test_classify_block_param(name, module):
-    assert classify_block_param(name) == module
 
 
 def test_tidy_summary_and_specificity():

@@ -7,7 +7,7 @@ import gc
 import psutil
 
 import medmap
-from medmap.hooks import count_hooks
+from medmap.model.sites import count_hooks
 from tiny import make_tiny
 
 PROMPTS = [

@@ -1,6 +1,7 @@
 """Tiny random-initialised causal LMs of every supported architecture, with an offline tokenizer.
 
-Built from configs (no weights downloaded). The tokenizer is a byte-level BPE trained on a few
+Built from configs (no weights downloaded); the one fixture module of the test suite
+(:func:`make_tiny` for a wrapped model, :func:`make_hf` for the plain transformers one). The tokenizer is a byte-level BPE trained on a few
 clinical sentences, so character offsets work as with real fast tokenizers.
 """
 
@@ -10,7 +11,12 @@ import functools
 
 import torch
 
+# dense architectures; MOE_ARCHS are the mixture-of-experts ones; ALL_ARCHS both
 ARCHS = ("llama", "gemma3_text", "qwen2", "qwen3", "mistral", "phi3", "gpt2", "gpt_neox", "olmo2")
+MOE_ARCHS = ("gpt_oss", "qwen3_moe")
+ALL_ARCHS = ARCHS + MOE_ARCHS
+# the architectures the causal-technique tests sweep (a fast, varied subset)
+CAUSAL_ARCHS = ("llama", "gemma3_text", "qwen2", "gpt2")
 VOCAB = 320
 
 CORPUS = [
@@ -67,10 +73,15 @@ def config(arch: str, n_layers: int = 3):
     )
     if arch != "gpt_neox":
         kw["num_key_value_heads"] = 2
-    if arch in ("gemma3_text", "qwen3"):
+    if arch in ("gemma3_text", "qwen3", "gpt_oss", "qwen3_moe"):
         kw["head_dim"] = 16
-    if arch == "gemma3_text":
+    if arch in ("gemma3_text", "gpt_oss"):
         kw["sliding_window"] = 4  # shorter than test prompts so local/global layers differ
+    if arch == "gpt_oss":  # 4 experts, 2 per token; plain RoPE (no YaRN warning at this size)
+        kw.update(num_local_experts=4, num_experts_per_tok=2)
+        kw["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    if arch == "qwen3_moe":
+        kw.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
     return AutoConfig.for_model(arch, **kw)
 
 
@@ -84,7 +95,10 @@ def make_hf(arch: str, n_layers: int = 3, seed: int = 0):
 
 
 def make_tiny(arch: str, n_layers: int = 3, seed: int = 0):
-    """A :class:`medmap.MedmapModel` wrapping a tiny random model of ``arch``."""
-    from medmap.loading import wrap_model
+    """A :class:`medmap.MedmapModel` wrapping a tiny random model of ``arch`` (eval, fp32, CPU).
 
-    return wrap_model(make_hf(arch, n_layers, seed), tokenizer(), name=f"tiny-{arch}")
+    The name carries the seed (``tiny-llama-s0``) so cell caches never mix two random models.
+    """
+    from medmap.model.loading import wrap_model
+
+    return wrap_model(make_hf(arch, n_layers, seed), tokenizer(), name=f"tiny-{arch}-s{seed}")

@@ -14,33 +14,49 @@ __version__ = "0.1.0"
 
 _API: dict[str, str] = {
     # foundation
-    "load_model": "medmap.loading",
-    "MedmapModel": "medmap.loading",
-    "BUNDLED_MODELS": "medmap.registry",
-    "LayerAdapter": "medmap.adapter",
-    "find_layers": "medmap.adapter",
-    "TraceBlocks": "medmap.hooks",
-    "ReplaceBlocks": "medmap.hooks",
-    "capture": "medmap.activations",
-    "ActivationStore": "medmap.store",
+    "load_model": "medmap.model.loading",
+    "MedmapModel": "medmap.model.loading",
+    "BUNDLED_MODELS": "medmap.model.registry",
+    "LayerAdapter": "medmap.model.adapter",
+    "find_layers": "medmap.model.adapter",
+    "TraceBlocks": "medmap.model.sites",
+    "Trace": "medmap.model.sites",
+    "SkipBlocks": "medmap.model.sites",
+    "capture": "medmap.techniques.capture",
+    "ActivationStore": "medmap.techniques.capture.store",
     "MedmapError": "medmap.errors",
-    "bootstrap_ci": "medmap.stats",
+    "bootstrap_ci": "medmap.analysis.stats",
+    "two_sample_ci": "medmap.analysis.stats",
+    "relative_depth": "medmap.analysis.results",
     # concepts
     "load_concepts": "medmap.concepts",
     "list_concepts": "medmap.concepts",
     "ConceptSet": "medmap.concepts",
     "counterfactual_pairs": "medmap.concepts",
-    "knows": "medmap.concepts.knows",
-    "compare_precision": "medmap.precision",
-    # techniques
-    "representation_map": "medmap.represent",
-    "weight_saliency": "medmap.causal",
-    "lesion": "medmap.causal",
-    "patch": "medmap.causal",
+    "knows": "medmap.techniques.knowledge",
+    "compare_precision": "medmap.model.precision",
+    # techniques (the interface every technique implements, and its registry)
+    "Technique": "medmap.techniques.base",
+    "Cell": "medmap.techniques.base",
+    "RunContext": "medmap.techniques.base",
+    "TECHNIQUES": "medmap.techniques.base",
+    "register_technique": "medmap.techniques.base",
+    "get_technique": "medmap.techniques.base",
+    "representation_map": "medmap.techniques.representation",
+    "weight_saliency": "medmap.techniques",
+    "lesion": "medmap.techniques",
+    "patch": "medmap.techniques",
     # map and report
-    "knowledge_map": "medmap.maps",
-    "run_map": "medmap.runner",
-    "compare_runs": "medmap.compare",
+    "knowledge_map": "medmap.analysis.maps",
+    "KnowledgeMap": "medmap.analysis.maps",
+    "set_roles": "medmap.analysis.maps",
+    "build_outputs": "medmap.analysis.maps",
+    "RunConfig": "medmap.run.config",
+    "build_config": "medmap.run.config",
+    "Run": "medmap.run.rundir",
+    "run_map": "medmap.run.runner",
+    "run_technique": "medmap.run.runner",
+    "compare_runs": "medmap.analysis.compare",
 }
 
 __all__ = sorted(_API) + ["__version__"]
@@ -53,5 +69,5 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from medmap.activations import capture  # noqa: F401
-    from medmap.loading import MedmapModel, load_model  # noqa: F401
+    from medmap.model.loading import MedmapModel, load_model  # noqa: F401
+    from medmap.techniques.capture import capture  # noqa: F401

@@ -2,7 +2,7 @@
 
 ``load_concepts(name_or_path)`` returns a validated :class:`ConceptSet`; ``list_concepts()``
 names the bundled sets; ``counterfactual_pairs`` builds clean/corrupt prompt pairs; ``knows``
-(in :mod:`medmap.concepts.knows`) scores whether a model knows each fact.
+(in :mod:`medmap.techniques.knowledge`) scores whether a model knows each fact.
 """
 
 from medmap.concepts.loader import list_concepts, load_concepts, load_file

@@ -160,7 +160,7 @@ def _resolve_includes(path: Path, data: dict[str, Any], lines: list[int]) -> dic
 
 # ---- CSV ---------------------------------------------------------------------------------
 
-_COL = re.compile(r"^(label|target|answers):([a-z0-9_]+)(?::([a-z]+))?$")
+_COL = re.compile(r"^(label|target|answers|distractors):([a-z0-9_]+)(?::([a-z]+))?$")
 _KINDS = ("categorical", "ordinal", "numeric", "identifier", "text")
 
 
@@ -190,7 +190,7 @@ def _parse_csv(path: Path, text: str) -> tuple[dict[str, Any], list[int]]:
             raise ConceptFileError(
                 f"{path}: row 1: missing column {req!r}",
                 hint="columns: id, concept, source, template, label:<name>, target:<id>, "
-                "answers:<id>",
+                "answers:<id>, distractors:<id>",
             )
     dup = sorted({h for h in header if header.count(h) > 1})
     if dup:
@@ -204,7 +204,7 @@ def _parse_csv(path: Path, text: str) -> tuple[dict[str, Any], list[int]]:
             raise ConceptFileError(
                 f"{path}: row 1: unknown column {h!r}",
                 hint="allowed: id, concept, source, template, label:<name>[:<kind>], "
-                "target:<id>, answers:<id>",
+                "target:<id>, answers:<id>, distractors:<id>",
             )
         if m.group(1) == "label":
             if m.group(3) and m.group(3) not in _KINDS:
@@ -222,6 +222,11 @@ def _parse_csv(path: Path, text: str) -> tuple[dict[str, Any], list[int]]:
                 raise ConceptFileError(
                     f"{path}: row 1: column 'target:{t}' needs a matching 'answers:{t}' column"
                 )
+    for h in header:
+        if h.startswith("distractors:") and f"target:{h.split(':', 1)[1]}" not in header:
+            raise ConceptFileError(
+                f"{path}: row 1: column {h!r} needs a matching 'target:{h.split(':', 1)[1]}' column"
+            )
     templates: list[str] = []
     items: list[dict[str, Any]] = []
     lines: list[int] = []
@@ -262,8 +267,16 @@ def _parse_csv(path: Path, text: str) -> tuple[dict[str, Any], list[int]]:
             if bool(prompt) != bool(answers):
                 missing = "answers" if prompt else "target"
                 raise ConceptFileError(f"{path}: row {r}: field '{missing}:{t}' is empty")
+            distractors = cell.get(f"distractors:{t}", "")
+            if distractors and not prompt:
+                raise ConceptFileError(
+                    f"{path}: row {r}: field 'distractors:{t}' is set but 'target:{t}' is empty"
+                )
             if prompt:
-                targets.append({"id": t, "prompt": prompt, "answers": answers.split("|")})
+                target = {"id": t, "prompt": prompt, "answers": answers.split("|")}
+                if distractors:
+                    target["distractors"] = distractors.split("|")
+                targets.append(target)
         item["targets"] = targets
         items.append(item)
         lines.append(r)

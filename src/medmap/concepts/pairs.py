@@ -69,14 +69,10 @@ class _TokenCheck:
         return self.cache[text]
 
     def first_token(self, prompt: str, answer: str) -> int | None:
-        ids_p, _ = self.encode(prompt)
-        ids_f, _ = self.encode(prompt + answer)
-        k = len(ids_p)
-        # the first token that differs from the prompt alone (handles a merge at the boundary)
-        for i in range(min(k, len(ids_f))):
-            if ids_p[i] != ids_f[i]:
-                return ids_f[i]
-        return ids_f[k] if len(ids_f) > k else None
+        # the same token the patching metric uses (one definition, medmap.model.targets)
+        from medmap.model.targets import first_target_token
+
+        return first_target_token(self.tok, prompt, answer, encode=self.encode)
 
     def ok(self, p: Pair) -> bool:
         ids_a, off_a = self.encode(p.clean.prompt)

@@ -87,13 +87,19 @@ class LabelSpec(BaseModel):
 
 
 class Target(BaseModel):
-    """A factual completion: ``prompt`` (contains ``{concept}``) followed by any of ``answers``."""
+    """A factual completion: ``prompt`` (contains ``{concept}``) followed by any of ``answers``.
+
+    ``distractors`` (optional): wrong completions for forced-choice scoring. They follow the
+    answers' leading-space convention and never match an answer (compared like the pair builder
+    compares answers: stripped, case-insensitive).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str
     prompt: str
     answers: list[str] = Field(min_length=1)
+    distractors: list[str] = Field(default_factory=list)
 
     @field_validator("id")
     @classmethod
@@ -109,6 +115,36 @@ class Target(BaseModel):
             if not isinstance(a, str) or not a.strip():
                 raise ValueError("every answer must be a non-empty string")
         return v
+
+    @field_validator("distractors")
+    @classmethod
+    def _distractors(cls, v: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for d in v:
+            if not isinstance(d, str) or not d.strip():
+                raise ValueError("every distractor must be a non-empty string")
+            key = d.strip().casefold()
+            if key in seen:
+                raise ValueError(f"distractor {d!r} is listed twice")
+            seen.add(key)
+        return v
+
+    @model_validator(mode="after")
+    def _distractors_wrong(self) -> Target:
+        answers = {a.strip().casefold() for a in self.answers}
+        spaced = all(a.startswith(" ") for a in self.answers)
+        for d in self.distractors:
+            if d.strip().casefold() in answers:
+                raise ValueError(
+                    f"target {self.id!r}: distractor {d!r} is also an accepted answer "
+                    "(distractors must be wrong answers)"
+                )
+            if spaced and not d.startswith(" "):
+                raise ValueError(
+                    f"target {self.id!r}: distractor {d!r} must start with a space, like the "
+                    "answers (the completion follows the prompt)"
+                )
+        return self
 
 
 class ConceptItem(BaseModel):
@@ -164,6 +200,7 @@ class RenderedTarget:
     prompt: str
     span: tuple[int, int]
     answers: tuple[str, ...]
+    distractors: tuple[str, ...] = ()
 
 
 class ConceptSet(BaseModel):
@@ -308,7 +345,9 @@ class ConceptSet(BaseModel):
         for i, it in enumerate(self.items):
             for t in it.targets:
                 prompt, span = render_template(t.prompt, it.concept, it.labels)
-                yield RenderedTarget(it.id, i, t.id, prompt, span, tuple(t.answers))
+                yield RenderedTarget(
+                    it.id, i, t.id, prompt, span, tuple(t.answers), tuple(t.distractors)
+                )
 
     def stratify_label(self) -> str | None:
         """The label a subset is balanced on: ``stratify`` if set, ``series`` if present, else

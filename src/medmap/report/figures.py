@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from medmap.maps import TECHNIQUES, KnowledgeMap, row_names, select_rows  # noqa: E402
+from medmap.analysis.maps import TECHNIQUES, KnowledgeMap, row_names, select_rows  # noqa: E402
 
 WIDTH = 3.5  # inches (one column)
 RC = {
@@ -118,7 +118,7 @@ def profile_figure(table: pd.DataFrame, technique: str, out_dir: Path) -> list[P
 
 
 def findings_figure(table: pd.DataFrame, out_dir: Path) -> list[Path]:
-    from medmap.findings import CIRCULARITY_MIN, JUMP_RATIO_MIN
+    from medmap.analysis.findings import CIRCULARITY_MIN, JUMP_RATIO_MIN
 
     def phen(metric, label=None, technique="phenomenon"):
         t = table[(table["technique"] == technique) & (table["metric"] == metric)]

@@ -22,8 +22,9 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
 
+from medmap.analysis.maps import MAPS, TECHNIQUES, KnowledgeMap, row_names, select_rows
 from medmap.errors import MedmapError
-from medmap.maps import MAPS, TECHNIQUES, KnowledgeMap, knowledge_map, row_names, select_rows
+from medmap.run.rundir import Run
 
 PALETTE = [
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -585,17 +586,29 @@ def provenance_html(manifest: dict) -> str:
 
 
 def load_run(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame | None, dict]:
-    res = run_dir / "results.parquet"
-    if not res.exists():
+    """``(results, umap coordinates or None, manifest)`` of a run directory."""
+    run = Run(run_dir)
+    if not run.results.exists():
         raise MedmapError(
             f"{run_dir} has no results.parquet", hint="pass a directory written by `medmap map`"
         )
-    table = pd.read_parquet(res)
-    cp = run_dir / "umap_coords.parquet"
-    coords = pd.read_parquet(cp) if cp.exists() else None
-    mf = run_dir / "manifest.json"
-    manifest = json.loads(mf.read_text()) if mf.exists() else {}
-    return table, coords, manifest
+    table = pd.read_parquet(run.results)
+    coords = pd.read_parquet(run.umap_coords) if run.umap_coords.exists() else None
+    return table, coords, run.manifest()
+
+
+def _experiment_sections(page: Page, run_dir: Path) -> None:
+    """Calibration (planted facts) and map-guided editing sections, when the run directory holds
+    their results (``medmap calibrate|edit-test --out`` into it); nothing otherwise."""
+    from medmap.experiments.report import calibration_section, edit_test_section
+
+    for sid, heading, render in (
+        ("calibration", "Calibration: planted facts", calibration_section),
+        ("edit-test", "Map-guided editing", edit_test_section),
+    ):
+        fragment = render(run_dir)
+        if fragment:
+            page.section(sid, heading).append(fragment)
 
 
 def build_report(
@@ -605,21 +618,24 @@ def build_report(
     control: list[str] | None = None,
     figures: bool = True,
 ) -> Path:
-    """Write ``RUN_DIR/report.html`` (self-contained), ``RUN_DIR/figures/`` (PNG + SVG),
-    ``RUN_DIR/knowledge_map.parquet`` (tidy map rows) and ``RUN_DIR/findings.parquet``.
+    """Write ``RUN_DIR/report.html`` (self-contained) and ``RUN_DIR/figures/`` (PNG + SVG).
 
-    ``medical`` / ``control``: concept-set names of the contrast (defaults in
-    :mod:`medmap.maps`). Returns the path of ``report.html``.
+    The report only reads the run's files: ``results.parquet``, ``umap_coords.parquet``,
+    ``manifest.json``, ``knowledge_map.parquet`` and ``findings.parquet``. The last two are
+    written at the end of a run (:func:`medmap.analysis.maps.build_outputs`); they are
+    (re)computed first when missing, or when ``medical`` / ``control`` (the concept sets of the
+    contrast) are given. Returns the path of ``report.html``.
     """
-    from medmap.findings import findings_table
-    from medmap.results import write_parquet_atomic
+    from medmap.analysis.maps import build_outputs
+    from medmap.run.outputs import write_text_atomic
 
-    run_dir = Path(run_dir)
-    table, coords, manifest = load_run(run_dir)
-    kmap = knowledge_map(table, medical=medical, control=control)
-    findings = findings_table(table, kmap, medical=medical)
-    write_parquet_atomic(kmap.tidy(), run_dir / "knowledge_map.parquet")
-    write_parquet_atomic(findings, run_dir / "findings.parquet")
+    run = Run(run_dir)
+    table, coords, manifest = load_run(run.path)
+    stale = not (run.knowledge_map.exists() and run.findings.exists())
+    if stale or medical is not None or control is not None:
+        build_outputs(run, medical=medical, control=control)
+    kmap = KnowledgeMap.from_tidy(pd.read_parquet(run.knowledge_map))
+    findings = pd.read_parquet(run.findings)
     model = str(manifest.get("model") or (table["model"].iloc[0] if len(table) else "model"))
     if len(table) and model not in set(table["model"].astype(str)):
         model = str(table["model"].iloc[0])
@@ -629,16 +645,13 @@ def build_report(
     umap_section(page, coords)
     phenomena_section(page, table)
     page.section("findings", "Findings").append(findings_html(findings[findings["model"] == model]))
+    _experiment_sections(page, run.path)
     page.section("provenance", "Provenance").append(provenance_html(manifest))
     if figures:
         from medmap.report.figures import run_figures
 
-        run_figures(table, kmap, findings, run_dir / "figures", model=model)
-    path = run_dir / "report.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(page.render(), encoding="utf-8")
-    tmp.replace(path)
-    return path
+        run_figures(table, kmap, findings, run.figures, model=model)
+    return write_text_atomic(run.report, page.render())
 
 
 def compare_html(runs: list[dict], kmap: KnowledgeMap, findings: pd.DataFrame, cka) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medmap.results import make_rows, write_parquet_atomic
+from medmap.analysis.results import make_rows, write_parquet_atomic
 
 MEDICAL = ("ages", "drugs", "progression")
 CONTROL = ("countries", "animals")
@@ -87,6 +87,7 @@ def synthetic_table(
         add(cset, "geometry", "anisotropy", layers, 0.2 + 0.7 * depth, width=0.02, label="")
         add(cset, "geometry", "mean_norm", layers, 1 + 10 * depth, width=0.1, label="")
         add(cset, "phenomenon", "collapse_recover", [-1], [1.0 if phenomena else 0.0], width=0)
+        add(cset, "phenomenon", "collapse_ratio", [-1], [0.35 if phenomena else 1.0])
 
     jump = 1.5 + 4.0 * _bump(depth, jump_depth, 0.08) * phenomena
     add("ages", "phenomenon", "age_jump_ratio", layers, jump, width=0.3, label="age")
@@ -99,6 +100,29 @@ def synthetic_table(
     spec = (0.3 if phenomena else -0.3) * _bump(depth, 0.5, 0.2)
     add("drugs", "phenomenon", "specialty_minus_mechanism_purity_excess", layers, spec,
         width=0.04, label="specialty-mechanism")  # fmt: skip
+    flat = np.ones(len(layers))
+    add("ages", "phenomenon", "age_jump_ratio_smooth_null", layers, 1.6 * flat, label="age")
+    step = 0.5 + 0.5 * _bump(depth, jump_depth, 0.08) * phenomena
+    add("ages", "phenomenon", "age_step_percentile", layers, step, width=0.01, label="age",
+        age_from=17.0)  # fmt: skip
+    add("ages", "phenomenon", "age_step_percentile_smooth_null", layers, 0.5 * flat, width=0.45,
+        label="age")  # fmt: skip
+    add("ages", "phenomenon", "age_step_ratio", layers, jump, width=0.3, label="age")
+    add("ages", "phenomenon", "age_step_ratio_smooth_null", layers, 1.6 * flat, width=0.3,
+        label="age")  # fmt: skip
+    tour = 1.0 - 0.45 * _bump(depth, 0.6, 0.15) * phenomena
+    add("progression", "phenomenon", "progression_tour_ratio", layers, tour, width=0.03,
+        label="mean")  # fmt: skip
+    add("progression", "phenomenon", "progression_tour_ratio_perm_null", layers, flat,
+        width=0.1, label="mean")  # fmt: skip
+    add("progression", "phenomenon", "progression_circularity_perm_null", layers, 0.6 * flat,
+        label="mean")  # fmt: skip
+    for metric in ("purity_excess", "silhouette_umap30"):
+        if metric == "silhouette_umap30":
+            add("drugs", "phenomenon", "specialty_minus_mechanism_silhouette_umap30", layers,
+                spec, width=0.04, label="specialty-mechanism")  # fmt: skip
+        add("drugs", "phenomenon", f"specialty_minus_mechanism_{metric}_perm_null", layers,
+            0 * flat, label="specialty-mechanism")  # fmt: skip
     return make_rows(rows)
 
 

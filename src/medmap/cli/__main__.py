@@ -1,0 +1,5 @@
+import sys
+
+from medmap.cli import main
+
+sys.exit(main())
