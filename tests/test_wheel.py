@@ -8,6 +8,7 @@ report assets from the installed copy.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -30,6 +31,13 @@ def _data_files() -> list[str]:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # build from a copy: an in-tree build leaves build/ in the checkout (stale files would ride along)
+    tree = tmp_path_factory.mktemp("tree")
+    shutil.copytree(
+        ROOT / "src", tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tree / name)
     subprocess.run(
         [
             sys.executable,
@@ -42,7 +50,7 @@ def wheel(tmp_path_factory) -> Path:
             "-q",
             "-w",
             str(out),
-            str(ROOT),
+            str(tree),
         ],
         check=True,
         capture_output=True,
