@@ -191,20 +191,21 @@ def _lesion_chunk(
 _BASE_OF = {"delta_nll": "nll_base", "delta_top1": "top1_base", "delta_topk": "topk_base"}
 
 
-def lesion_summary(df: pd.DataFrame, *, n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
-    """Tidy rows from :func:`lesion` output: mean change per (set, site, layer, window) with a CI.
-
-    Metrics ``delta_nll``, ``delta_top1``, ``delta_topk``; ``baseline`` is the intact model's mean
-    (NLL, top-1 or top-k accuracy); extra columns ``window`` and ``site`` (``block``, ``attn``,
-    ``mlp``).
-    """
+def _summary_rows(
+    df: pd.DataFrame, base_of: dict[str, str | None], *, n_boot: int, seed: int
+) -> pd.DataFrame:
+    """Per (set, site, layer, window) the mean of each metric in ``base_of`` that ``df`` has,
+    with its bootstrap CI; ``baseline`` is the mean of the column ``base_of[metric]`` (NaN for
+    ``None``). Shared by :func:`lesion_summary` and :func:`lesion_knowledge_summary`."""
     rows = []
     df = df.assign(site=df["site"].fillna("block")) if "site" in df else df.assign(site="block")
+    metrics = [m for m in base_of if m in df.columns]
     for (model, cset, n_layers, site, layer, window), g in df.groupby(
         ["model", "concept_set", "n_layers", "site", "layer", "window"], sort=True
     ):
-        for metric in METRICS:
+        for metric in metrics:
             est, lo, hi, cnt = mean_ci(g[metric].to_numpy(), n_boot=n_boot, seed=seed)
+            base = base_of[metric]
             rows.append(
                 {
                     "model": model,
@@ -216,7 +217,7 @@ def lesion_summary(df: pd.DataFrame, *, n_boot: int = 200, seed: int = 0) -> pd.
                     "value": est,
                     "ci_low": lo,
                     "ci_high": hi,
-                    "baseline": float(g[_BASE_OF[metric]].mean()),
+                    "baseline": float(g[base].mean()) if base else float("nan"),
                     "n": cnt,
                     "seed": seed,
                     "window": int(window),
@@ -224,6 +225,16 @@ def lesion_summary(df: pd.DataFrame, *, n_boot: int = 200, seed: int = 0) -> pd.
                 }
             )
     return make_rows(rows)
+
+
+def lesion_summary(df: pd.DataFrame, *, n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
+    """Tidy rows from :func:`lesion` output: mean change per (set, site, layer, window) with a CI.
+
+    Metrics ``delta_nll``, ``delta_top1``, ``delta_topk``; ``baseline`` is the intact model's mean
+    (NLL, top-1 or top-k accuracy); extra columns ``window`` and ``site`` (``block``, ``attn``,
+    ``mlp``).
+    """
+    return _summary_rows(df, _BASE_OF, n_boot=n_boot, seed=seed)
 
 
 def lesion_specificity(
@@ -555,30 +566,4 @@ def lesion_knowledge_summary(df: pd.DataFrame, *, n_boot: int = 200, seed: int =
     ``delta_margin`` (baseline: intact mean margin), ``delta_correct`` (baseline: intact
     fraction correct) and, when present, ``specific_damage`` and ``generic_delta_nll`` (the
     neutral-text value, identical for every item; CI collapses to it)."""
-    rows = []
-    metrics = [m for m in _KNOWLEDGE_BASE if m in df.columns]
-    for (model, cset, n_layers, site, layer, window), g in df.groupby(
-        ["model", "concept_set", "n_layers", "site", "layer", "window"], sort=True
-    ):
-        for metric in metrics:
-            est, lo, hi, cnt = mean_ci(g[metric].to_numpy(), n_boot=n_boot, seed=seed)
-            base = _KNOWLEDGE_BASE[metric]
-            rows.append(
-                {
-                    "model": model,
-                    "layer": int(layer),
-                    "relative_depth": relative_depth(int(layer), int(n_layers)),
-                    "concept_set": cset,
-                    "technique": "lesion",
-                    "metric": metric,
-                    "value": est,
-                    "ci_low": lo,
-                    "ci_high": hi,
-                    "baseline": float(g[base].mean()) if base else float("nan"),
-                    "n": cnt,
-                    "seed": seed,
-                    "window": int(window),
-                    "site": site,
-                }
-            )
-    return make_rows(rows)
+    return _summary_rows(df, _KNOWLEDGE_BASE, n_boot=n_boot, seed=seed)
