@@ -149,8 +149,20 @@ def fake_cli(monkeypatch):
     monkeypatch.setattr(ex, "concept_sets_for", lambda cfg: ["fake"])
     monkeypatch.setattr(ex, "_set_name", lambda spec: "fake")
     monkeypatch.setattr(
-        RunContext, "load_set", lambda self, spec, t: _FakeSet(self.config.max_items)
+        RunContext, "causal_set", lambda self, spec, t: _FakeSet(self.config.max_items)
     )
+
+    def choices(self, spec):  # one answer each, no distractor: NLL lesions, no margin saliency
+        from medmap.techniques.knowledge import Choice
+
+        return {
+            f"{t.item_id}/{t.target_id}": Choice((t.answers[0],), ())
+            for t in _FakeSet(None).targets()
+        }
+
+    monkeypatch.setattr(RunContext, "choices", choices)
+    import medmap.techniques.knowledge  # noqa: F401  (imported before the fake module below)
+
     fake = types.ModuleType("medmap.concepts")
     fake.counterfactual_pairs = lambda cs, tok, max_pairs, seed: [_Pair(i) for i in range(3)][
         :max_pairs
@@ -167,7 +179,8 @@ def test_cli_lesion_writes_tables_and_resumes(fake_cli, tmp_path):
     assert main([*args, "--n-boot", "20"]) == 0
     tidy = pd.read_parquet(out / "results.parquet")
     items = pd.read_parquet(out / "items.parquet")
-    assert set(tidy["metric"]) == {"delta_nll", "delta_top1", "delta_topk"}
+    # the lesion metrics and the map row's split-half stability
+    assert set(tidy["metric"]) == {"delta_nll", "delta_top1", "delta_topk", "map_split_half"}
     assert (tidy["concept_set"] == "fake").all()
     assert sorted(items["item_id"].unique()) == ["it0/t", "it1/t", "it2/t", "it3/t"]
     n_cells = len(list((out / "cells" / "lesion" / "fake").glob("lesion-*.parquet")))
@@ -199,6 +212,7 @@ def test_cli_saliency_and_patch(fake_cli, tmp_path):
         == 0
     )
     sal = pd.read_parquet(tmp_path / "s" / "results.parquet")
+    # 2 items: too few for split halves, so no stability row
     assert "block" in set(sal["module"]) and (sal["technique"] == "saliency").all()
     assert (
         main(

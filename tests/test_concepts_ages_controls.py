@@ -277,7 +277,7 @@ def test_ages_targets(sets):
     # Stage words may be shared by neighbouring life stages (ages MANY_TO_MANY in
     # test_concepts_audit.py), but only these documented ones, only over these age ranges, and the
     # first answer of each stage is its own: one per stage, accepted by no item of another stage
-    # except " children" (UNCRC: child = below 18) at 10-12.
+    # except " children" (MedlinePlus: school-age children 6-12) at 10-12.
     accepted: dict[str, set[int]] = defaultdict(set)
     for it in items:
         for a in _norm(_answers(it, "stage")):

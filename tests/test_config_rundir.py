@@ -27,7 +27,8 @@ def test_precedence_preset_file_overrides(tmp_path):
     f = tmp_path / "run.toml"
     f.write_text('max_items = 7\nseed = 3\ntechniques = ["umap", "lesion"]\n')
     cfg = build_config(preset_name="quick", config_file=f, seed=11, model=None)
-    assert (cfg.max_items, cfg.seed, cfg.techniques) == (7, 11, ["umap", "lesion"])
+    # a known-only run with a causal stage brings its knows stage
+    assert (cfg.max_items, cfg.seed, cfg.techniques) == (7, 11, ["knows", "umap", "lesion"])
     assert cfg.n_boot == preset("quick")["n_boot"]
 
 

@@ -115,3 +115,22 @@ def test_cli_rejects_bad_options(tmp_path):
 
     assert main(["edit-test", "-m", "x", "-o", str(tmp_path), "--k", "0"]) == 2
     assert main(["calibrate", "-m", "x", "-o", str(tmp_path), "--blocks", "a,b"]) == 2
+
+
+def test_set_facts_keep_each_facts_own_answer_and_prompt():
+    """Facts of a stratified subset: each fact's answer is one of its own target's accepted
+    answers and its prompt is its own (rows matched by item and target, not by position)."""
+    from medmap.concepts import load_concepts
+    from medmap.experiments.edit_test import set_facts
+
+    cs = load_concepts("animals")
+    own = {(t.item_id, t.target_id): t for t in cs.targets()}
+    facts, _ = set_facts(
+        sharp_tiny(), "animals", max_items=6, max_distractors=3, seed=0, known_only=False
+    )
+    assert len({f.item_id for f in facts}) == 6
+    for f in facts:
+        t = own[(f.item_id, f.target_id)]
+        assert f.answer in t.answers and f.prompt == t.prompt
+        assert not ({d.strip().casefold() for d in f.distractors}
+                    & {a.strip().casefold() for a in t.answers})  # fmt: skip

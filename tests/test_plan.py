@@ -317,7 +317,8 @@ def test_schedule_packs_jobs_within_nodes():
     )
     for nodes in (1, 2):
         slots = P.schedule(plans, nodes=nodes, gpus_per_node=8)
-        assert len(slots) == 8 and all(s.node < nodes for s in slots)
+        # one slot per (model, technique): knows, umap, saliency, lesion, patching, logit_lens
+        assert len(slots) == 12 and all(s.node < nodes for s in slots)
         end = max(s.start + s.seconds for s in slots)
         assert end >= sum(s.gpus * s.seconds for s in slots) / (8 * nodes) - 1e-6
         # no GPU runs two jobs at once: at any start time the busy GPUs of a node are <= 8

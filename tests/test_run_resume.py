@@ -26,7 +26,11 @@ n_boot = 20
 saliency_items = 4
 max_pairs = 6
 batch_size = 8
+min_known = 1
+generic_sentences = 16
 """
+# known_only (the default): a random tiny model "knows" targets at chance, so the causal stages
+# run on those; min_known = 1 keeps every set mapped
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +76,7 @@ def test_run_directory_is_complete(reference):
     assert (t.loc[t.layer >= 0, "relative_depth"] == t.loc[t.layer >= 0, "layer"] / 4).all()
     m = json.loads((reference / "manifest.json").read_text())
     assert m["n_layers"] == 4 and len(m["weights_hash"]) == 64
-    assert set(m["stages"]) == {"umap", "saliency", "lesion", "patching"}
+    assert set(m["stages"]) == {"knows", "umap", "saliency", "lesion", "patching"}
     assert m["config"]["max_items"] == 10 and m["rows"] == len(t)
     assert {"torch", "transformers", "medmap"} <= set(m["versions"])
     assert not (reference / ".lock").exists()
@@ -193,6 +197,7 @@ RETRY_CONFIG = """\
 model = "{model}"
 concept_sets = ["progression"]
 techniques = ["saliency", "lesion"]
+known_only = false
 max_items = 6
 saliency_items = 3
 n_boot = 20

@@ -111,6 +111,7 @@ def test_cli_lesion_and_patch_sites(fake_cli, tmp_path):  # noqa: F811
     pargs = ["patch", "-m", "x", "-c", "fake", "--max-pairs", "2", "-o", str(tmp_path / "p")]
     assert main([*pargs, "--n-boot", "20", "--site", "block,attn"]) == 0
     pt = pd.read_parquet(tmp_path / "p" / "results.parquet")
+    pt = pt[pt["technique"] == "patching"]  # without the split-half stability rows (layer -1)
     assert set(pt["site"]) == {"block", "attn"}
     assert set(pt.loc[pt["site"] == "attn", "layer"]) == {1, 2, 3}
     assert set(pt.loc[pt["site"] == "block", "layer"]) == {0, 1, 2, 3}

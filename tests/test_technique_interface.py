@@ -27,6 +27,7 @@ concept_sets = ["progression"]
 techniques = ["knows", "umap", "saliency", "lesion", "patching", "logit_lens"]
 max_items = 6
 max_templates = 1
+known_only = false
 umap = false
 n_boot = 10
 saliency_items = 2
@@ -182,20 +183,59 @@ def test_technique_cells_equal_the_direct_function_calls(tiny_run):
     from medmap.analysis.results import normalize
     from medmap.concepts import load_concepts
     from medmap.run.execute import model_for
-    from medmap.techniques import lesion_concepts, patch_concepts
+    from medmap.techniques import patch_concepts
+    from medmap.techniques.knowledge import Choice, forced_choices
+    from medmap.techniques.lesioning import (
+        generic_damage,
+        lesion,
+        lesion_knowledge_summary,
+        lesion_margins,
+        lesion_summary,
+    )
 
     cfg, out = tiny_run
     model = model_for(cfg)
-    cs = load_concepts("progression").subset(cfg.max_items, seed=cfg.seed)
+    full = load_concepts("progression")
+    cs = full.subset(cfg.max_items, seed=cfg.seed)
+    # distractors come from the whole set, as in the knows stage
+    every = list(full.targets())
+    real, _, _ = forced_choices(every, max_distractors=cfg.knows_distractors, seed=cfg.seed)
+    by_id = {(t.item_id, t.target_id): c for t, c in zip(every, real)}
+    # known_only = false: the causal stages score the first accepted answer
+    choices = [by_id[(t.item_id, t.target_id)] for t in cs.targets()]
     common = {"n_boot": cfg.n_boot, "seed": cfg.seed}
+    targets = list(cs.targets())
+    les = lesion_summary(
+        lesion(
+            model, [t.prompt for t in targets], [c.accepted[0] for c in choices], None,
+            cfg.lesion_window, batch_size=8, concept_set=cs.name,
+            item_ids=[f"{t.item_id}/{t.target_id}" for t in targets],
+        ),
+        **common,
+    )  # fmt: skip
+    margins = lesion_margins(
+        model, list(cs.targets()), None, cfg.lesion_window,
+        choices=[Choice(c.accepted[:1], c.distractors) for c in choices], batch_size=8,
+        concept_set=cs.name, seed=cfg.seed,
+        generic=generic_damage(model, None, cfg.lesion_window, max_sentences=cfg.generic_sentences),
+    )  # fmt: skip
     direct = {
-        "lesion": lesion_concepts(model, cs, window=cfg.lesion_window, batch_size=8, **common),
+        # the NLL rows of the scored (first accepted) answer are the plain lesion's; the margin,
+        # correctness and fact-specific rows come from the forced-choice candidates
+        "lesion": pd.concat([les, lesion_knowledge_summary(margins, **common)], ignore_index=True),
         "patching": patch_concepts(
             model, cs, positions=list(cfg.patch_positions), max_pairs=cfg.max_pairs, **common
         ),
     }
-    for name, want in direct.items():
+
+    def part(name):  # the cell without its split-half stability rows (tested elsewhere)
         got = pd.read_parquet(out / "parts" / name / "progression.parquet")
+        if name == "lesion":  # 6 items × their targets: split halves exist
+            assert (got["technique"] == "stability").any()
+        return got[got["technique"] != "stability"].reset_index(drop=True)
+
+    for name, want in direct.items():
+        got = part(name)
         want = normalize(want.assign(model=model.name, concept_set=cs.name))
         pd.testing.assert_frame_equal(got, want, check_dtype=False, rtol=0, atol=1e-9)
     # saliency keeps the first ``saliency_items`` items of the stratified set
@@ -203,9 +243,12 @@ def test_technique_cells_equal_the_direct_function_calls(tiny_run):
     from medmap.techniques.saliency import saliency_items, saliency_summary
 
     ct = concept_targets(cs, cfg.saliency_items)
-    items = saliency_items(model, ct.prompts, ct.targets, concept_set=cs.name, item_ids=ct.ids)
+    answers = [choices[ct.ids.index(i)].accepted[0] for i in ct.ids]
+    items = saliency_items(model, ct.prompts, answers, concept_set=cs.name, item_ids=ct.ids)
     want = normalize(saliency_summary(items, **common).assign(model=model.name))
-    got = pd.read_parquet(out / "parts" / "saliency" / "progression.parquet")
+    got = part("saliency")
+    assert set(got["objective"]) == {"nll", "margin"}
+    got = got[got["objective"] == "nll"].reset_index(drop=True)
     pd.testing.assert_frame_equal(got, want, check_dtype=False, rtol=0, atol=1e-9)
 
 
@@ -220,7 +263,11 @@ def test_single_technique_run_equals_the_map_restricted_to_it(tiny_run, tmp_path
     assert json.loads((single / "config.json").read_text())["techniques"] == ["lesion"]
     got = pd.read_parquet(single / "results.parquet")
     ref = pd.read_parquet(out / "results.parquet")
-    ref = ref[ref["technique"] == "lesion"].dropna(axis=1, how="all").reset_index(drop=True)
+    # the lesion cell's rows: lesion metrics and its split-half stability rows
+    mine = (ref["technique"] == "lesion") | (
+        (ref["technique"] == "stability") & (ref["label"] == "lesion")
+    )
+    ref = ref[mine].dropna(axis=1, how="all").reset_index(drop=True)
     pd.testing.assert_frame_equal(got[ref.columns], ref, check_dtype=False)
     items = pd.read_parquet(single / "items.parquet")
     from medmap.concepts import load_concepts

@@ -51,6 +51,8 @@ _API: dict[str, str] = {
     "KnowledgeMap": "medmap.analysis.maps",
     "set_roles": "medmap.analysis.maps",
     "build_outputs": "medmap.analysis.maps",
+    "specificity_map": "medmap.analysis.specificity",
+    "seed_agreement": "medmap.analysis.compare",
     "RunConfig": "medmap.run.config",
     "build_config": "medmap.run.config",
     "Run": "medmap.run.rundir",

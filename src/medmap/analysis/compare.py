@@ -194,6 +194,30 @@ def cka_between_runs(
     return make_rows(rows) if rows else pd.DataFrame()
 
 
+def seed_agreement(kmap, model_a: str, model_b: str) -> pd.DataFrame:
+    """Per map row present in both runs (two runs of one model with different seeds): the
+    Pearson correlation of the two normalised rows over their shared depths (``agreement``),
+    ``n_depths``, and ``unstable`` = agreement < :data:`medmap.analysis.maps.UNSTABLE_BELOW`."""
+    from medmap.analysis.maps import UNSTABLE_BELOW
+
+    c = kmap.cells
+    key = ["map", "concept_set", "label"]
+    a = c[c["model"] == model_a].set_index([*key, "relative_depth"])["value"]
+    b = c[c["model"] == model_b].set_index([*key, "relative_depth"])["value"]
+    both = pd.concat({"a": a, "b": b}, axis=1).dropna()
+    rows = []
+    for k, g in both.groupby(level=[0, 1, 2], sort=False):
+        ok = len(g) >= 3 and g["a"].std() > 0 and g["b"].std() > 0
+        r = float(np.corrcoef(g["a"], g["b"])[0, 1]) if ok else float("nan")
+        rows.append(
+            dict(zip(key, k)) | {"model_a": model_a, "model_b": model_b, "agreement": r,
+                                 "n_depths": len(g),
+                                 "unstable": bool(np.isfinite(r) and r < UNSTABLE_BELOW)}
+        )  # fmt: skip
+    cols = [*key, "model_a", "model_b", "agreement", "n_depths", "unstable"]
+    return pd.DataFrame(rows, columns=cols)
+
+
 def compare_runs(
     run_dirs: Sequence[str | Path],
     out_dir: str | Path,
@@ -203,8 +227,9 @@ def compare_runs(
     figures: bool = True,
     debiased: bool = True,
 ) -> Path:
-    """Compare runs; writes ``out_dir/compare.html``, ``compare.parquet`` (CKA rows) and
-    ``figures/``. Returns the path of ``compare.html``."""
+    """Compare runs; writes ``out_dir/compare.html``, ``compare.parquet`` (CKA rows),
+    ``figures/`` and, for runs of one model (e.g. two seeds), ``seed_agreement.parquet``
+    (:func:`seed_agreement`). Returns the path of ``compare.html``."""
     from medmap.analysis.findings import findings_table
     from medmap.analysis.maps import knowledge_map, set_roles
     from medmap.report.html import compare_html
@@ -222,6 +247,7 @@ def compare_runs(
         n_layers = int(manifest.get("n_layers") or 0) or knowledge_map(table).n_layers.get(name, 1)
         runs.append({"dir": rd, "table": table, "manifest": manifest, "model": name, "L": n_layers})
     names = [r["model"] for r in runs]
+    same = {n for n in names if names.count(n) > 1}
     if len(set(names)) < len(names):  # same model twice: tell the runs apart
         for r in runs:
             r["model"] = f"{r['model']} ({r['dir'].name})"
@@ -248,6 +274,18 @@ def compare_runs(
         for k, ra in enumerate(runs)
         for rb in runs[k + 1 :]
     ]
+    # runs of one model (e.g. two seeds): how well each map row agrees between them
+    agree = [
+        seed_agreement(kmap, ra["model"], rb["model"])
+        for k, ra in enumerate(runs)
+        for rb in runs[k + 1 :]
+        if ra["model"].rsplit(" (", 1)[0] in same and rb["model"].rsplit(" (", 1)[0] in same
+        and ra["model"].rsplit(" (", 1)[0] == rb["model"].rsplit(" (", 1)[0]
+    ]  # fmt: skip
+    if agree:
+        write_parquet_atomic(
+            pd.concat(agree, ignore_index=True), out_dir / "seed_agreement.parquet"
+        )
     cka = [c for c in cka if len(c)]
     cka_df = pd.concat(cka, ignore_index=True) if cka else make_rows([])
     write_parquet_atomic(cka_df, out_dir / "compare.parquet")

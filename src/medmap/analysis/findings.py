@@ -813,11 +813,11 @@ def paper_intervals(table: pd.DataFrame, *, sigma: float = 1.0) -> pd.DataFrame:
 
 def write_paper_outputs(table: pd.DataFrame, run_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Write ``paper_table.parquet`` and ``paper_intervals.parquet`` into ``run_dir``."""
-    from pathlib import Path
-
     from medmap.run.outputs import write_parquet_atomic
+    from medmap.run.rundir import Run
 
+    run = Run(run_dir)
     t1, iv = paper_table(table), paper_intervals(table)
-    write_parquet_atomic(t1, Path(run_dir) / "paper_table.parquet")
-    write_parquet_atomic(iv, Path(run_dir) / "paper_intervals.parquet")
+    write_parquet_atomic(t1, run.paper_table)
+    write_parquet_atomic(iv, run.paper_intervals)
     return t1, iv

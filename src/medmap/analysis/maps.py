@@ -8,13 +8,18 @@ map                 row values before the per-row scaling
 ==================  =========================================================================
 ``representation``  probe score − shuffled-label baseline, clipped at 0 (``probe_acc`` for
                     categorical labels, else ``probe_r2``); one row per (concept set, label)
-``saliency``        ``grad_x_weight_share`` of the whole block (``module == "block"``)
-``lesion``          ``delta_nll`` of the smallest lesion window, clipped at 0
+``saliency``        ``grad_x_weight_share`` of the whole block (``module == "block"``), of the
+                    forced-choice margin (``objective == "margin"``) where it was taken
+``lesion``          ``specific_damage`` (margin loss beyond what the generic damage on neutral
+                    text predicts) of the smallest lesion window, clipped at 0; ``delta_nll``
+                    for a set that has no margin rows
 ``patching``        information *transfer* across block l from denoising patching:
                     ``½[max(0, r_c(l-1) - r_c(l)) + max(0, r_t(l) - r_t(l-1))]`` where
                     ``r_c``/``r_t`` = ``restored`` (clipped to [0, 1]) patching the concept
                     tokens / the last token; one term if only one position was run
-``combined``        mean over the technique maps present at a cell (concept-set rows)
+``emergence``       logit lens: rise of the forced-choice accuracy of the answer decoded from
+                    the residual stream, ``max(0, a(l) − a(l−1))`` (not in ``combined``)
+``combined``        mean over the four technique maps present at a cell (concept-set rows)
 ==================  =========================================================================
 
 Lesion and patching rows of a sub-module site (``site`` ``attn`` or ``mlp``, runs with
@@ -54,7 +59,8 @@ SET_ORDER: tuple[str, ...] = (
     "countries", "animals", "occupations", "years",
 )  # fmt: skip
 TECHNIQUES: tuple[str, ...] = ("representation", "saliency", "lesion", "patching")
-MAPS: tuple[str, ...] = (*TECHNIQUES, "combined")
+# the answer's emergence (logit lens) is a fifth view beside the four; it is not in the combined map
+MAPS: tuple[str, ...] = (*TECHNIQUES, "emergence", "combined")
 CONTRAST_SET = "medical-minus-control"
 _KEY = ["model", "map", "concept_set", "label"]
 
@@ -168,7 +174,10 @@ SUMMARY_FIGURES: tuple[str, ...] = (
     "depth80_span",
     "first_half_fraction",
     "total_mass",
+    "reliability",
+    "unstable",
 )
+UNSTABLE_BELOW = 0.5  # split-half reliability under which a map row is flagged "unstable"
 
 
 def _row(model, map_name, cset, label, metric, value) -> dict:
@@ -285,8 +294,8 @@ def select_rows(table: pd.DataFrame, map_name: str) -> pd.DataFrame:
     """The tidy rows a technique map is built from (unnormalised, with their CIs).
 
     ``representation``: ``probe_acc`` (categorical labels) or else ``probe_r2`` per (set, label);
-    ``saliency``: ``grad_x_weight_share`` of ``module == "block"``; ``lesion``: ``delta_nll`` of
-    the smallest ``window``; ``patching``: ``restored`` with ``direction == "denoise"`` (if any)
+    ``saliency``: ``grad_x_weight_share`` of ``module == "block"`` (margin objective where
+    present); ``lesion``: ``specific_damage`` (else ``delta_nll``) of the smallest ``window``; ``patching``: ``restored`` with ``direction == "denoise"`` (if any)
     at the first present ``position`` of concept, last, all. Whole-model rows (``layer`` -1) and
     specificity rows (:func:`is_specificity`) are left out. ``label`` is "" except for
     representation.
@@ -309,11 +318,14 @@ def select_rows(table: pd.DataFrame, map_name: str) -> pd.DataFrame:
         s = t[(t["technique"] == "saliency") & (t["metric"] == "grad_x_weight_share")]
         if "module" in s.columns:
             s = s[s["module"] == "block"]
+        if "objective" in s.columns:  # the margin's gradient where it was taken
+            s = _prefer(s, s["objective"].astype("string").fillna("nll") == "margin")
         return s.assign(label="")
     if map_name == "lesion":
-        les = t[(t["technique"] == "lesion") & (t["metric"] == "delta_nll")]
+        les = t[(t["technique"] == "lesion") & t["metric"].isin(["delta_nll", "specific_damage"])]
         if "window" in les.columns and les["window"].notna().any():
             les = les[les["window"] == les["window"].min()]
+        les = _prefer(les, les["metric"] == "specific_damage")
         return les.assign(label=_site_labels(les))
     if map_name == "patching":
         pat = t[(t["technique"] == "patching") & (t["metric"] == "restored")]
@@ -326,6 +338,14 @@ def select_rows(table: pd.DataFrame, map_name: str) -> pd.DataFrame:
                     break
         return pat.assign(label=_site_labels(pat))
     raise ValueError(f"unknown map {map_name!r}")
+
+
+def _prefer(t: pd.DataFrame, better: pd.Series) -> pd.DataFrame:
+    """Per (model, concept set) the ``better`` rows where it has any, else all its rows."""
+    if t.empty:
+        return t
+    has = better.groupby([t["model"], t["concept_set"]]).transform("any")
+    return t[better | ~has]
 
 
 def _site_labels(t: pd.DataFrame) -> pd.Series | str:
@@ -389,6 +409,23 @@ def patching_transfer(table: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True)
 
 
+def emergence_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, concept set, layer): where the right answer emerges under the logit lens,
+    ``raw(l) = max(0, a(l) − a(l−1))`` with ``a`` = ``lens_accuracy`` (forced choice decoded
+    from the residual stream after ``l`` blocks); layer 0 gets 0."""
+    t = table[(table["layer"] >= 0) & (table["technique"] == "logit_lens")]
+    t = t[t["metric"] == "lens_accuracy"]
+    if t.empty:
+        return t.iloc[0:0].assign(raw=pd.Series(dtype=float), label="")
+    out = []
+    for (model, cset), g in t.groupby(["model", "concept_set"], sort=False):
+        g = g.groupby(["layer", "relative_depth"], as_index=False)["value"].mean()
+        g = g.sort_values("layer")
+        raw = g["value"].diff().clip(lower=0.0).fillna(0.0)
+        out.append(g.assign(model=model, concept_set=cset, label="", raw=raw.to_numpy()))
+    return pd.concat(out, ignore_index=True)
+
+
 def _raw_rows(table: pd.DataFrame) -> pd.DataFrame:
     """Long ``model, map, concept_set, label, layer, relative_depth, raw`` before scaling."""
     cols = ["model", "map", "concept_set", "label", "layer", "relative_depth", "raw"]
@@ -407,6 +444,9 @@ def _raw_rows(table: pd.DataFrame) -> pd.DataFrame:
         else:
             raw = r["value"].clip(lower=0.0)
         parts.append(r.assign(map=name, raw=raw))
+    em = emergence_rows(table) if not table.empty else pd.DataFrame()
+    if not em.empty:
+        parts.append(em.assign(map="emergence"))
     if not parts:
         return pd.DataFrame(columns=cols)
     out = pd.concat([p[cols] for p in parts], ignore_index=True)
@@ -469,6 +509,33 @@ def _summaries(cells: pd.DataFrame, binned: bool) -> pd.DataFrame:
         fig = row_summary(g["relative_depth"].to_numpy(), g["value"].to_numpy(), layers)
         rows.append(dict(zip(_KEY, key)) | fig)
     return pd.DataFrame(rows, columns=[*_KEY, *SUMMARY_FIGURES])
+
+
+def _with_reliability(summary: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """Fill ``reliability`` (split-half, Spearman–Brown; technique ``stability``, metric
+    ``map_split_half`` written by the causal techniques) and ``unstable`` (reliability <
+    :data:`UNSTABLE_BELOW`, 1/0; NaN without a measurement) of the block-level map rows."""
+    if summary.empty or table.empty or "technique" not in table.columns:
+        return summary
+    st = table[(table["technique"] == "stability") & (table["metric"] == "map_split_half")]
+    if st.empty:
+        return summary
+    if "site" in st.columns:
+        st = st[st["site"].astype("string").fillna("block") == "block"]
+    if "objective" in st.columns:
+        sal = st["label"] == "saliency"
+        margin = st["objective"].astype("string").fillna("nll") == "margin"
+        st = pd.concat([st[~sal], _prefer(st[sal], margin[sal])])
+    rel = st.groupby(["model", "label", "concept_set"])["value"].mean()
+    out = summary.copy()
+    for i, r in out.iterrows():
+        if r["label"] != "":
+            continue
+        v = rel.get((r["model"], r["map"], r["concept_set"]))
+        if v is not None and np.isfinite(v):
+            out.at[i, "reliability"] = float(v)
+            out.at[i, "unstable"] = float(v < UNSTABLE_BELOW)
+    return out
 
 
 def _two_sample_ci(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
@@ -554,7 +621,7 @@ def knowledge_map(
     med, ctl = set(medical), set(control)
     return KnowledgeMap(
         cells=cells,
-        summary=_summaries(cells, n_bins is not None),
+        summary=_with_reliability(_summaries(cells, n_bins is not None), table),
         contrast=_contrast(cells, med, ctl, n_boot, seed),
         n_layers=n_layers,
     )
@@ -662,6 +729,10 @@ def build_outputs(
     findings = findings_table(table, kmap, medical=med)
     write_parquet_atomic(kmap.tidy(), run.knowledge_map)
     write_parquet_atomic(findings, run.findings)
+    from medmap.analysis.specificity import matched_controls, specificity_map
+
+    pairs = {m: c for m, c in matched_controls([*med, *ctl]).items() if m in med}
+    write_parquet_atomic(specificity_map(table, pairs=pairs, controls=ctl), run.specificity_map)
     from medmap.analysis.findings import write_paper_outputs
 
     write_paper_outputs(table, run.path)  # paper_table.parquet, paper_intervals.parquet

@@ -73,3 +73,20 @@ def two_sample_ci(
         boots = np.array([statistic(a[i], b[j]) for i, j in zip(ia, ib)], dtype=float)
     lo, hi = np.nanquantile(boots, [alpha / 2, 1 - alpha / 2])
     return est, float(lo), float(hi)
+
+
+def spearman_brown(r: float) -> float:
+    """Split-half correlation ``r`` → reliability of the full length, ``2r / (1 + r)``."""
+    if not np.isfinite(r) or r <= -1:
+        return float("nan")
+    return float(2 * r / (1 + r))
+
+
+def profile_reliability(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman–Brown corrected Pearson correlation of two half profiles over layers (NaN
+    when fewer than 3 finite layers or a profile is constant)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3 or np.std(a[ok]) == 0 or np.std(b[ok]) == 0:
+        return float("nan")
+    return spearman_brown(float(np.corrcoef(a[ok], b[ok])[0, 1]))

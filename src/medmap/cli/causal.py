@@ -30,6 +30,15 @@ from medmap.errors import MedmapError
 
 console = Console(stderr=True)
 
+KnownOpt = Annotated[
+    bool,
+    typer.Option(
+        "--known-only/--all-items",
+        help="score every item first (forced choice) and keep only the targets the model knows "
+        "(as `medmap map` does); default: every item",
+    ),
+]
+
 
 def _dtype_name(dtype: str | None) -> str | None:
     """The config's name of a ``--dtype`` (aliases such as ``bf16`` accepted; bad ones raise)."""
@@ -82,11 +91,13 @@ def saliency(
     seed: SeedOpt = 0,
     dtype: DtypeOpt = None,
     device_map: DeviceMapOpt = None,
+    known_only: KnownOpt = False,
 ) -> None:
     """Weight-gradient saliency of a concept set's target completions per block and sub-module."""
     run_single(
         "saliency", out, model=model, concepts=concepts, max_items=max_items,
         batch_size=batch_size, n_boot=n_boot, seed=seed, dtype=dtype, device_map=device_map,
+        known_only=known_only,
     )  # fmt: skip
 
 
@@ -123,6 +134,7 @@ def lesion(
     seed: SeedOpt = 0,
     dtype: DtypeOpt = None,
     device_map: DeviceMapOpt = None,
+    known_only: KnownOpt = False,
 ) -> None:
     """Remove each block (or window of blocks) and measure the damage to target completions.
 
@@ -133,7 +145,7 @@ def lesion(
         "lesion", out, model=model, concepts=concepts, lesion_window=window, lesion_k=k,
         lesion_sites=sites,
         max_items=max_items, batch_size=batch_size, n_boot=n_boot, seed=seed, dtype=dtype,
-        device_map=device_map,
+        device_map=device_map, known_only=known_only,
     )  # fmt: skip
 
 
@@ -152,6 +164,7 @@ def patch(
     seed: SeedOpt = 0,
     dtype: DtypeOpt = None,
     device_map: DeviceMapOpt = None,
+    known_only: KnownOpt = False,
 ) -> None:
     """Activation patching between counterfactual pairs of a concept set, per layer and position.
 
@@ -173,7 +186,7 @@ def patch(
     run_single(
         "patching", out, model=model, concepts=concepts, patch_positions=pos,
         patch_direction=direction, patch_sites=sites, max_pairs=max_pairs, batch_size=batch_size, n_boot=n_boot,
-        seed=seed, dtype=dtype, device_map=device_map,
+        seed=seed, dtype=dtype, device_map=device_map, known_only=known_only,
     )  # fmt: skip
 
 

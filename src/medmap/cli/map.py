@@ -24,7 +24,15 @@ def map_cmd(
         str | None, typer.Option(help="comma-separated concept sets (default: all)")
     ] = None,
     techniques: Annotated[
-        str | None, typer.Option(help="comma-separated: umap,saliency,lesion,patching")
+        str | None,
+        typer.Option(help="comma-separated: knows,umap,saliency,lesion,patching,logit_lens"),
+    ] = None,
+    known_only: Annotated[
+        bool | None,
+        typer.Option(
+            "--known-only/--all-items",
+            help="causal techniques on the targets the model knows (default) or on every item",
+        ),
     ] = None,
     max_items: Annotated[int | None, typer.Option(help="items per concept set")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
@@ -49,6 +57,7 @@ def map_cmd(
         model=model,
         concept_sets=split(concepts),
         techniques=split(techniques),
+        known_only=known_only,
         max_items=max_items,
         seed=seed,
         dtype=dtype,

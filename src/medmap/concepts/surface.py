@@ -14,13 +14,20 @@ measure that shortcut so a probe result can be compared with it:
   the "not above chance" threshold).
 * :func:`surface_matched_subset`: items such that every feature value holds the same number of
   items of each label, so on the subset the feature carries no information about the label.
+* :func:`matched_on`: the matched subset on the joint of as many features as the items allow,
+  the others checked at their null on it.
+* :func:`has_amounts`, :func:`surface_features` and :func:`surface_baseline`: what the
+  representation technique uses for its ``surface_probe_acc`` row (layer -1) and its
+  ``probe_*_surface_matched`` rows (docs/detectors.md, "Surface baseline").
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import combinations
 from typing import Any
 
 import numpy as np
@@ -150,3 +157,126 @@ def level_counts(feature: Sequence[Hashable], labels: Sequence[Hashable]) -> dic
     for v, lab in zip(feature, labels, strict=True):
         out[v][lab] += 1
     return dict(out)
+
+
+def has_amounts(concepts: Sequence[str]) -> bool:
+    """True if every concept starts with a written amount (:func:`parse_amount` succeeds)."""
+    if not concepts:
+        return False
+    try:
+        for c in concepts:
+            parse_amount(c)
+    except ValueError:
+        return False
+    return True
+
+
+def surface_features(concepts: Sequence[str], tokenizer: Any = None) -> dict[str, list]:
+    """:func:`dose_surface_features` plus ``"shape"``: the tuple of all of them per item.
+
+    Keys ``digits``, ``chars``, (with a tokenizer) ``tokens``, then ``shape`` (e.g. the tuple
+    ``(digits, chars, tokens)``); the joint feature is the one a matched subset is balanced on,
+    so that every single feature is balanced too.
+    """
+    feats: dict[str, list] = dict(dose_surface_features(concepts, tokenizer))
+    feats["shape"] = list(zip(*feats.values(), strict=True))
+    return feats
+
+
+@dataclass
+class SurfaceBaseline:
+    """The best surface feature for a label and its permutation null.
+
+    Attributes:
+        feature: name of the feature with the highest accuracy (first in order on ties).
+        accuracy: its :func:`surface_probe_accuracy` (fraction in [0, 1]).
+        null: the ``quantile`` over label permutations of the *maximum* accuracy over all
+            features (the null of the selected maximum, so choosing the best feature does not
+            inflate the comparison).
+        accuracies: ``{feature: accuracy}`` for every feature.
+        nulls: ``{feature: quantile}`` of each feature's own accuracy over the same
+            permutations (equal to :func:`permutation_null` with the same ``seed``).
+        n: number of items.
+    """
+
+    feature: str
+    accuracy: float
+    null: float
+    accuracies: dict[str, float]
+    nulls: dict[str, float]
+    n: int
+
+
+def surface_baseline(
+    features: Mapping[str, Sequence[Hashable]],
+    labels: Sequence[Hashable],
+    *,
+    n_perm: int = 200,
+    seed: int = 0,
+    quantile: float = 0.95,
+    **kwargs: Any,
+) -> SurfaceBaseline:
+    """Maximum over ``features`` of :func:`surface_probe_accuracy`, with the null of that maximum.
+
+    ``features``: ``{name: per-item values}`` (each as long as ``labels``). Each of ``n_perm``
+    label permutations (``numpy`` generator seeded with ``seed``) is scored on every feature;
+    ``null`` is the ``quantile`` of the per-permutation maxima, ``nulls`` the per-feature
+    quantiles. ``kwargs`` go to
+    :func:`surface_probe_accuracy` (``n_splits``, ``seeds``).
+    """
+    if not features:
+        raise ValueError("surface_baseline needs at least one feature")
+    for name, v in features.items():
+        if len(v) != len(labels):
+            raise ValueError(f"feature {name!r} has {len(v)} values for {len(labels)} labels")
+    accs = {name: surface_probe_accuracy(v, labels, **kwargs) for name, v in features.items()}
+    best = max(accs, key=lambda k: accs[k])
+    rng = np.random.default_rng(seed)
+    lab = np.asarray([str(v) for v in labels])
+    null = np.empty((n_perm, len(features)))
+    for p in range(n_perm):
+        perm = rng.permutation(lab)
+        null[p] = [surface_probe_accuracy(v, perm, **kwargs) for v in features.values()]
+    q = {name: float(np.quantile(null[:, j], quantile)) for j, name in enumerate(features)}
+    top = float(np.quantile(null.max(axis=1), quantile))
+    return SurfaceBaseline(best, accs[best], top, accs, q, len(lab))
+
+
+def matched_on(
+    features: Mapping[str, Sequence[Hashable]],
+    labels: Sequence[Hashable],
+    *,
+    min_per_label: int = 4,
+    n_perm: int = 200,
+    seed: int = 0,
+) -> tuple[tuple[str, ...], list[int]] | None:
+    """The surface-matched subset on the joint of as many ``features`` as the items allow.
+
+    Candidates are the joint features of every combination of ``features``, most features
+    first, then the larger subset (:func:`surface_matched_subset` with ``seed``). The first one
+    whose subset holds at least ``min_per_label`` items of every label, and on which every
+    feature *not* matched on reads the label at most at its :func:`permutation_null`
+    (``n_perm``, ``seed``), wins. Matching all features is always tried first, so it wins
+    whenever its subset is large enough (no further check is needed: every feature is then
+    balanced). Returns ``(names matched on, sorted indices)``, or ``None`` if no candidate
+    qualifies.
+    """
+    names = list(features)
+    n_labels = len({str(v) for v in labels})
+    for r in range(len(names), 0, -1):
+        cands = []
+        for combo in combinations(names, r):
+            joint = list(zip(*(features[k] for k in combo), strict=True))
+            cands.append((combo, surface_matched_subset(joint, labels, seed=seed)))
+        cands.sort(key=lambda c: -len(c[1]))  # stable: equal sizes keep the feature order
+        for combo, sub in cands:
+            if len(sub) < min_per_label * n_labels:
+                break
+            ls = [labels[i] for i in sub]
+            rest = [k for k in names if k not in combo]
+            if all(
+                surface_probe_accuracy(fs, ls) <= permutation_null(fs, ls, n_perm=n_perm, seed=seed)
+                for fs in ([features[k][i] for i in sub] for k in rest)
+            ):
+                return combo, sub
+    return None

@@ -76,11 +76,15 @@ def set_facts(
     from medmap.techniques.knowledge import forced_choices, knows
 
     cs = load_concepts(name)
-    targets = [t for t in cs.targets() if max_items is None or t.item_index < max_items]
-    real, _, _ = forced_choices(targets, max_distractors=max_distractors, seed=seed)
+    # the same candidates as knows: distractors from the whole set, scored on knows' stratified
+    # subset of max_items items; rows matched by (item, target), never by position
+    every = list(cs.targets())
+    real, _, _ = forced_choices(every, max_distractors=max_distractors, seed=seed)
+    choice = {(t.item_id, t.target_id): (t, c) for t, c in zip(every, real)}
     kn = knows(model, cs, max_items=max_items, max_distractors=max_distractors, seed=seed)
     facts, known = [], []
-    for t, ch, (_, row) in zip(targets, real, kn.iterrows()):
+    for _, row in kn.iterrows():
+        t, ch = choice[(row["item_id"], row["target_id"])]
         if not ch.distractors:
             continue
         facts.append(Fact(cs.name, t.item_id, t.target_id, t.prompt, row["best_answer"],

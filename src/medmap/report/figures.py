@@ -40,7 +40,7 @@ COLORS = plt.get_cmap("tab10").colors
 YLABEL = {
     "representation": "probe score",
     "saliency": "block share",
-    "lesion": "Δ NLL (nats)",
+    "lesion": "fact-specific damage or Δ NLL (nats)",
     "patching": "restored",
 }
 
@@ -91,6 +91,42 @@ def map_figure(kmap: KnowledgeMap, model: str, map_name: str, out_dir: Path) -> 
         fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02, label="normalised effect")
         stem = "knowledge_map" if map_name == "combined" else f"knowledge_map_{map_name}"
         return save(fig, out_dir, stem)
+
+
+def specificity_figure(spec: pd.DataFrame, model: str, out_dir: Path) -> list[Path]:
+    """One panel per map of the specificity map (medical − matched control, normalised to
+    [−1, 1], blank where the CI contains 0): ``specificity_map.png``."""
+    s = spec[spec["model"].astype(str) == model] if len(spec) else spec
+    maps = [m for m in ("representation", "saliency", "lesion", "patching", "emergence", "combined")
+            if (s["map"] == m).any()] if len(s) else []  # fmt: skip
+    if not maps:
+        return []
+    mats = []
+    for m in maps:
+        g = s[s["map"] == m]
+        rows = [f"{a} − {b}" for a, b in zip(g["concept_set"], g["control_set"])]
+        mat = g.assign(row=rows).pivot_table(
+            index="row", columns="relative_depth", values="normalised", aggfunc="mean", dropna=False
+        )
+        mats.append((m, mat.reindex(list(dict.fromkeys(rows))).sort_index(axis=1)))
+    with plt.rc_context(RC):
+        h = sum(0.55 + 0.17 * len(x) for _, x in mats)
+        fig, axes = plt.subplots(len(mats), 1, figsize=(WIDTH, 0.6 + h), layout="constrained",
+                                 squeeze=False)  # fmt: skip
+        for ax, (m, mat) in zip(axes[:, 0], mats):
+            depths = np.array([float(c) for c in mat.columns])
+            cmap = plt.get_cmap("viridis" if m == "combined" else "RdBu_r").copy()
+            cmap.set_bad("#eeeeee")
+            vals = np.ma.masked_invalid(mat.to_numpy(float))
+            im = ax.pcolormesh(_edges(depths), np.arange(len(mat) + 1), vals, cmap=cmap,
+                               vmin=0 if m == "combined" else -1, vmax=1, shading="flat")  # fmt: skip
+            ax.set_yticks(np.arange(len(mat)) + 0.5, [str(r) for r in mat.index])
+            ax.invert_yaxis()
+            ax.set_xlim(0, 1)
+            ax.set_title(f"{m}: medical − control (grey: CI contains 0)", fontsize="small")
+            fig.colorbar(im, ax=ax, fraction=0.04, pad=0.01)
+        axes[-1, 0].set_xlabel("relative depth")
+        return save(fig, out_dir, "specificity_map")
 
 
 def _band(ax, g: pd.DataFrame, label: str, color, ls="-") -> None:
@@ -162,7 +198,13 @@ def findings_figure(table: pd.DataFrame, out_dir: Path) -> list[Path]:
 
 
 def run_figures(
-    table: pd.DataFrame, kmap: KnowledgeMap, findings: pd.DataFrame, out_dir: Path, *, model: str
+    table: pd.DataFrame,
+    kmap: KnowledgeMap,
+    findings: pd.DataFrame,
+    out_dir: Path,
+    *,
+    model: str,
+    spec: pd.DataFrame | None = None,
 ) -> list[Path]:
     """All static figures of one run into ``out_dir``; returns the files written."""
     out_dir = Path(out_dir)
@@ -174,6 +216,8 @@ def run_figures(
         paths += profile_figure(t, tech, out_dir)
     if len(t):
         paths += findings_figure(t, out_dir)
+    if spec is not None:
+        paths += specificity_figure(spec, model, out_dir)
     return paths
 
 

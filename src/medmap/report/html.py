@@ -32,9 +32,10 @@ PALETTE = [
 ]  # fmt: skip
 TECHNIQUE_TITLES = {
     "representation": "Representation (probe score − shuffled baseline)",
-    "saliency": "Weight saliency (grad × weight share of the block)",
-    "lesion": "Layer lesion (Δ NLL)",
+    "saliency": "Weight saliency (grad × weight share of the block; margin where taken)",
+    "lesion": "Layer lesion (fact-specific damage; Δ NLL without margins)",
     "patching": "Activation patching (fraction restored)",
+    "emergence": "Answer emergence (logit lens: rise of forced-choice accuracy)",
     "combined": "Combined (mean of the technique maps)",
 }
 PROFILE_YLABEL = {
@@ -231,10 +232,45 @@ def map_section(page: Page, kmap: KnowledgeMap, model: str) -> None:
         parts.append("<h3>Where the effect sits (per map row)</h3>" + summary_table(s))
 
 
+def specificity_section(page: Page, spec: pd.DataFrame, model: str) -> None:
+    """Per technique: medical minus matched control, normalised, blank where the CI holds 0."""
+    parts = page.section("specificity", "Specificity map: medical minus its control")
+    parts.append(
+        '<p class="note">Per technique and layer, the medical set\'s effect minus its matched '
+        "control's (years for ages, occupations for symptoms, countries for diseases, animals for "
+        "drugs; the other medical sets against the mean of the controls), on the technique's own "
+        "scale: probe gain over the embedding layer, margin saliency share, fact-specific lesion "
+        "damage, patching restoration. Cells whose 95% CI contains 0 are blank; each row is "
+        "divided by its largest significant |difference| (1 = most medical-specific, −1 = most "
+        "control-specific). Combined: mean of the positive specific effects. See "
+        "docs/knowledge-map.md.</p>"
+    )
+    s = spec[spec["model"].astype(str) == model] if len(spec) else spec
+    if s.empty:
+        parts.append(missing("Needs medical and control concept sets with CIs."))
+        return
+    for name in TECHNIQUE_TITLES:
+        g = s[s["map"] == name]
+        if g.empty:
+            continue
+        rows = [f"{a} − {b}" for a, b in zip(g["concept_set"], g["control_set"])]
+        m = g.assign(row=rows).pivot_table(
+            index="row", columns="relative_depth", values="normalised", aggfunc="mean", dropna=False
+        )
+        m = m.reindex(list(dict.fromkeys(rows))).sort_index(axis=1)
+        lo = 0.0 if name == "combined" else -1.0
+        page.figure(
+            heatmap(m, f"{TECHNIQUE_TITLES[name]}: specific effect", zmin=lo, zmax=1.0,
+                    colorscale="Viridis" if name == "combined" else "RdBu_r"),
+            parts,
+        )  # fmt: skip
+
+
 def summary_table(s: pd.DataFrame) -> str:
     head = (
         "<tr><th>map</th><th>concept set</th><th>label</th><th>peak layer</th><th>peak depth</th>"
-        "<th>50% of effect</th><th>80% of effect</th><th>first-half fraction</th></tr>"
+        "<th>50% of effect</th><th>80% of effect</th><th>first-half fraction</th>"
+        "<th>split-half reliability</th></tr>"
     )
     body = []
     for r in s.to_dict("records"):
@@ -244,9 +280,18 @@ def summary_table(s: pd.DataFrame) -> str:
             f"<td class='num'>{pl}</td><td class='num'>{_f(r['peak_depth'])}</td>"
             f"<td class='num'>{_f(r['depth50_low'])}–{_f(r['depth50_high'])}</td>"
             f"<td class='num'>{_f(r['depth80_low'])}–{_f(r['depth80_high'])}</td>"
-            f"<td class='num'>{_f(r['first_half_fraction'])}</td></tr>"
+            f"<td class='num'>{_f(r['first_half_fraction'])}</td>"
+            f"<td class='num'>{_reliability(r)}</td></tr>"
         )
     return f"<table>{head}{''.join(body)}</table>"
+
+
+def _reliability(r: dict) -> str:
+    rel = r.get("reliability", np.nan)
+    if rel is None or not np.isfinite(float(rel)):
+        return "–"
+    flag = " <b>unstable</b>" if float(r.get("unstable") or 0) >= 1 else ""
+    return f"{float(rel):.2f}{flag}"
 
 
 def _f(x, nd: int = 2) -> str:
@@ -597,6 +642,97 @@ def load_run(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame | None, dict]:
     return table, coords, run.manifest()
 
 
+def knows_html(table: pd.DataFrame) -> str:
+    """The knows stage per concept set: forced-choice fraction known (95 % CI) beside its chance
+    level and the moved-answer control, the number of known targets, and whether the causal
+    techniques mapped the set or it had "too few known facts". Empty when no knows rows."""
+    t = table[table["technique"].astype(str) == "knows"] if len(table) else table
+    if t.empty:
+        return ""
+    head = (
+        "<tr><th>concept set</th><th>targets</th><th>known (95% CI)</th><th>chance</th>"
+        "<th>moved-answer control</th><th>known targets</th><th>causal techniques</th></tr>"
+    )
+    body = []
+    for cset, g in t.groupby("concept_set", sort=False):
+        m = {r.metric: r for r in g.itertuples(index=False)}
+        if "known_fraction" not in m or "n_known" not in m:
+            continue
+        kf, mv, nk = m["known_fraction"], m.get("moved_known_fraction"), m["n_known"]
+        few = "too_few_known" in m and float(m["too_few_known"].value) >= 1
+        chance_level = "known_above_chance" in m and float(m["known_above_chance"].value) < 1
+        status = (
+            f"<b>too few known facts</b> (&lt; {int(m['too_few_known'].baseline)}): not mapped"
+            if few
+            else "mapped on the known targets"
+            + (
+                "; <b>known at chance level</b> (CI not above chance and the moved-answer "
+                "control): the kept targets may be lucky guesses"
+                if chance_level
+                else ""
+            )
+        )
+        body.append(
+            f"<tr><td>{esc(cset)}</td><td class='num'>{int(kf.n)}</td>"
+            f"<td class='num'>{_f(kf.value)} ({_f(kf.ci_low)}–{_f(kf.ci_high)})</td>"
+            f"<td class='num'>{_f(kf.baseline)}</td>"
+            f"<td class='num'>{_f(mv.value) if mv is not None else '–'}</td>"
+            f"<td class='num'>{int(nk.value)}</td><td>{status}</td></tr>"
+        )
+    note = (
+        "<p>Forced choice: a target is known when its best accepted answer's whole-answer "
+        "log-probability beats every distractor's. The moved-answer control scores each prompt "
+        "with another item's answers taken as right; a known fraction near it measures nothing. "
+        "Saliency, lesioning and patching use the known targets only (<code>known_only</code>).</p>"
+    )
+    return note + f"<table>{head}{''.join(body)}</table>"
+
+
+def paper_html(t1: pd.DataFrame | None, iv: pd.DataFrame | None, model: str) -> str:
+    """The paper's Table 1 (best layer and score per concept, with the null where there is one)
+    and its interval map (per set and technique: the representation's fastest 3-layer rise, the
+    causal techniques' runs above the 75th percentile), as stored by the run."""
+    parts = []
+    t1 = t1[t1["model"].astype(str) == model] if t1 is not None and len(t1) else None
+    if t1 is not None and len(t1):
+        head = (
+            "<tr><th>concept</th><th>metric</th><th>best layer</th><th>depth</th>"
+            "<th>score (95% CI)</th><th>null (95% range)</th></tr>"
+        )
+        body = [
+            f"<tr><td>{esc(r.concept)}</td><td>{esc(r.metric)}</td>"
+            f"<td class='num'>{int(r.best_layer)}</td><td class='num'>{_f(r.relative_depth)}</td>"
+            f"<td class='num'>{_f(r.value)} ({_f(r.ci_low)}–{_f(r.ci_high)})</td>"
+            f"<td class='num'>{_f(r.null_value)} ({_f(r.null_ci_low)}–{_f(r.null_ci_high)})</td></tr>"
+            for r in t1.itertuples(index=False)
+        ]
+        parts.append(
+            "<h3>Table 1, as the paper defines it</h3>"
+            "<p class='note'>The best layer is the layer of the highest score: a maximum over "
+            "layers is biased upwards; read it against its null at that layer.</p>"
+            f"<table>{head}{''.join(body)}</table>"
+        )
+    iv = iv[iv["model"].astype(str) == model] if iv is not None and len(iv) else None
+    if iv is not None and len(iv):
+        head = (
+            "<tr><th>concept set</th><th>technique</th><th>layers</th><th>depth</th>"
+            "<th>score</th><th>rule</th></tr>"
+        )
+        body = [
+            f"<tr><td>{esc(r.concept_set)}</td><td>{esc(r.technique)}</td>"
+            f"<td class='num'>{int(r.layer_start)}–{int(r.layer_end)}</td>"
+            f"<td class='num'>{_f(r.depth_start)}–{_f(r.depth_end)}</td>"
+            f"<td class='num'>{_f(r.score)}</td><td>{esc(r.rule)}</td></tr>"
+            for r in iv.itertuples(index=False)
+        ]
+        parts.append(
+            "<h3>The paper's interval map</h3><p class='note'>Gaussian smoothing σ = 1; no null "
+            "or control enters these intervals (the paper's method): compare them with the "
+            "specificity map above.</p>" + f"<table>{head}{''.join(body)}</table>"
+        )
+    return "".join(parts)
+
+
 def _experiment_sections(page: Page, run_dir: Path) -> None:
     """Calibration (planted facts) and map-guided editing sections, when the run directory holds
     their results (``medmap calibrate|edit-test --out`` into it); nothing otherwise."""
@@ -641,16 +777,30 @@ def build_report(
         model = str(table["model"].iloc[0])
     page = Page(f"medmap report: {model}")
     map_section(page, kmap, model)
+    if run.specificity_map.exists():
+        specificity_section(page, pd.read_parquet(run.specificity_map), model)
+    known = knows_html(table[table["model"].astype(str) == model] if len(table) else table)
+    if known:
+        page.section("known", "Known facts").append(known)
     profiles_section(page, table[table["model"].astype(str) == model] if len(table) else table)
     umap_section(page, coords)
     phenomena_section(page, table)
     page.section("findings", "Findings").append(findings_html(findings[findings["model"] == model]))
+    t1p, ivp = run.paper_table, run.paper_intervals
+    paper = paper_html(
+        pd.read_parquet(t1p) if t1p.exists() else None,
+        pd.read_parquet(ivp) if ivp.exists() else None,
+        model,
+    )
+    if paper:
+        page.section("paper", "The paper's table and interval map").append(paper)
     _experiment_sections(page, run.path)
     page.section("provenance", "Provenance").append(provenance_html(manifest))
     if figures:
         from medmap.report.figures import run_figures
 
-        run_figures(table, kmap, findings, run.figures, model=model)
+        spec = pd.read_parquet(run.specificity_map) if run.specificity_map.exists() else None
+        run_figures(table, kmap, findings, run.figures, model=model, spec=spec)
     return write_text_atomic(run.report, page.render())
 
 

@@ -11,7 +11,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from medmap.errors import ConfigError
@@ -32,6 +40,7 @@ def _registered(name: str) -> str:
 
 Technique = Annotated[str, AfterValidator(_registered)]
 PRESETS = ("quick", "standard", "full")
+CAUSAL = ("saliency", "lesion", "patching")  # the stages that run on known targets only
 
 
 class RunConfig(BaseModel):
@@ -41,7 +50,30 @@ class RunConfig(BaseModel):
 
     model: str = "smollm2-135m"
     concept_sets: list[str] | None = Field(default=None, description="None = every bundled set")
-    techniques: list[Technique] = ["umap", "saliency", "lesion", "patching"]
+    techniques: list[Technique] = ["knows", "umap", "saliency", "lesion", "patching"]
+    known_only: bool = Field(
+        default=True,
+        description="causal techniques use only the targets the model knows (the knows stage)",
+    )
+    min_known: int = Field(
+        default=8, ge=1, description="fewer known targets: the set is 'too few known facts'"
+    )
+    knows_max_items: int | None = Field(
+        default=None,
+        ge=2,
+        description="items per set the knows stage scores (stratified; None: the whole set); "
+        "the causal stages draw max_items from its known ones",
+    )
+    knows_distractors: int = Field(
+        default=4, ge=1, description="distractors per target in forced choice (seeded sample)"
+    )
+    generic_sentences: int | None = Field(
+        default=200, ge=1, description="neutral sentences for the lesions' generic damage"
+    )
+    saliency_objectives: list[Literal["nll", "margin"]] = Field(
+        default=["nll", "margin"],
+        description="saliency of the answer's NLL and/or of its forced-choice margin",
+    )
     max_items: int | None = Field(
         default=None, ge=2, description="items per concept set (stratified)"
     )
@@ -84,6 +116,24 @@ class RunConfig(BaseModel):
         if not v:
             raise ValueError("at least one technique is needed")
         return list(dict.fromkeys(v))
+
+    @field_validator("saliency_objectives")
+    @classmethod
+    def _some_objective(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one saliency objective (nll, margin) is needed")
+        return list(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _knows_first(self) -> RunConfig:
+        # known-only causal stages read the knows stage: it is part of every such run
+        if (
+            self.known_only
+            and set(self.techniques) & set(CAUSAL)
+            and "knows" not in self.techniques
+        ):
+            object.__setattr__(self, "techniques", ["knows", *self.techniques])
+        return self
 
     @field_validator("lesion_sites", "patch_sites")
     @classmethod

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from medmap.analysis.results import normalize
 from medmap.errors import MedmapError
-from medmap.run.config import RunConfig
+from medmap.run.config import CAUSAL, RunConfig
 from medmap.run.outputs import write_json_atomic
 from medmap.run.rundir import Run
 from medmap.techniques.base import Cell, RunContext, cell_id, get_technique, technique_names
@@ -127,6 +127,10 @@ def run_cell(
     cell = Cell(stage, name, cell_id(name))
     if run.done(stage, cell.key):
         return "skipped"
+    if config.known_only and stage in CAUSAL and not run.done("knows", cell.key):
+        # the known-only stages read the set's knows cell: compute it first (a Ray worker may
+        # get here before the knows task; both write the same cell atomically)
+        run_cell(config, out, "knows", name, strict=strict)
     model = model_for(config)
     record_model(run, model)
     ctx = RunContext(config, run, [name], strict=strict, item_detail=item_detail)

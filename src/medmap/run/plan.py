@@ -390,6 +390,19 @@ def run_work(cfg: Any, chars_per_token: float) -> dict[str, StageWork]:
                     prompts = kept
                 counts.append(len(prompts))
                 chars += [len(p.text) for p in prompts]
+            elif tech in ("knows", "logit_lens"):  # every candidate answer is a sequence
+                per_item = {}
+                src = loaded[name] if tech == "knows" else cs
+                if tech == "knows" and cfg.knows_max_items and len(src.items) > cfg.knows_max_items:
+                    src = src.subset(cfg.knows_max_items, seed=cfg.seed)
+                for t in src.targets():
+                    per_item[t.item_index] = per_item.get(t.item_index, 0) + 1
+                    if cfg.max_targets is not None and per_item[t.item_index] > cfg.max_targets:
+                        continue
+                    n_cand = len(t.answers) + cfg.knows_distractors + 1  # + moved answers
+                    counts.append(n_cand)
+                    chars += [len(t.prompt) + len(t.answers[0])] * n_cand
+                continue
             elif tech in ("lesion", "saliency"):
                 per_item: dict[int, int] = {}
                 rows = []
@@ -400,12 +413,21 @@ def run_work(cfg: Any, chars_per_token: float) -> dict[str, StageWork]:
                 if tech == "saliency" and cfg.saliency_items is not None:
                     keep = set(sorted({t.item_index for t in rows})[: cfg.saliency_items])
                     rows = [t for t in rows if t.item_index in keep]
-                counts.append(len(rows))
+                n = len(rows)
+                if tech == "lesion":  # every forced-choice candidate, + neutral text once a run
+                    n *= 1 + cfg.knows_distractors
+                    if name == names[0]:
+                        n += cfg.generic_sentences or 0
+                else:  # one backward pass per item and objective
+                    n *= len(cfg.saliency_objectives)
+                counts.append(n)
                 chars += [len(t.prompt) + len(t.answers[0]) for t in rows]
             else:
                 pairs = list(counterfactual_pairs(cs, None, max_pairs=cfg.max_pairs, seed=cfg.seed))
                 counts.append(len(pairs))
                 chars += [len(p.clean.prompt) for p in pairs]
+        if tech in ("knows", "logit_lens"):
+            counts = [sum(counts)]
         out[tech] = StageWork(tech, tuple(counts), _tokens(chars, chars_per_token))
     return out
 
@@ -569,8 +591,16 @@ def technique_work(
         batches = math.ceil(n / batch_size)
         tok = n * tokens
         per_pass = tok / batches  # tokens of one batch
-        if technique == "umap":
+        if technique in ("umap", "knows"):  # knows: forward passes over candidate sequences
             total += Work(tok * fb, batches * blocks_read(per_pass), batches, tok)
+        elif technique == "logit_lens":  # + the head at the answer positions of every layer
+            heads = n * TARGET_TOKENS * (n_layers + 1)
+            total += Work(
+                tok * fb + heads * fh,
+                batches * (blocks_read(per_pass) + (n_layers + 1) * head_b),
+                batches,
+                tok,
+            )
         elif technique == "lesion":
             n_les = n_layers - window + 1
             suffix = (n_layers - window) * (n_layers - window + 1) / 2 / n_layers  # in stacks
@@ -636,6 +666,8 @@ def technique_extra_bytes(
     record = (pc.layers + 1) * bt * d * act_bytes
     if technique == "umap":
         extra = working(bt) + batch_size * (pc.layers + 1) * d * 4
+    elif technique in ("knows", "logit_lens"):
+        extra = working(bt) + batch_size * TARGET_TOKENS * shape.vocab * 4
     elif technique == "lesion":
         extra = working(bt) + record + batch_size * TARGET_TOKENS * shape.vocab * 4
     elif technique == "patching":

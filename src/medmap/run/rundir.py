@@ -9,14 +9,19 @@ Layout (every path is named once, in :class:`Run`)::
     RUN_DIR/parts/<technique>/<set>.json      its metadata (seconds taken)
     RUN_DIR/parts/umap_coords/<set>.parquet   UMAP coordinates of one set
     RUN_DIR/parts/items/<technique>/<set>.parquet  per-item detail of one cell (if any)
+    RUN_DIR/parts/knows_items/<set>.parquet    the knows stage's per-target forced choice
     RUN_DIR/parts/started.txt              when the run first started
     RUN_DIR/cells/<technique>/<set>/       the sweeps' content-keyed sub-cells (chunk × layer)
     RUN_DIR/activations/<set>/             activation stores of the representation maps
     RUN_DIR/results.parquet                every cell merged (the tidy results table)
     RUN_DIR/umap_coords.parquet            every set's UMAP coordinates
     RUN_DIR/items.parquet                  per-item detail (single-technique commands)
+    RUN_DIR/knows.parquet                  every set's per-target forced choice (knows stage)
     RUN_DIR/knowledge_map.parquet          tidy knowledge-map rows (analysis.maps.build_outputs)
     RUN_DIR/findings.parquet               the findings (analysis.maps.build_outputs)
+    RUN_DIR/specificity_map.parquet        medical minus matched control (analysis.specificity)
+    RUN_DIR/paper_table.parquet            the paper's Table 1 (analysis.findings.paper_table)
+    RUN_DIR/paper_intervals.parquet        the paper's interval map (findings.paper_intervals)
     RUN_DIR/manifest.json                  provenance of the finished run
     RUN_DIR/report.html, RUN_DIR/figures/  the report (report.html.build_report)
 
@@ -125,8 +130,24 @@ class Run:
         return self.path / "items.parquet"
 
     @property
+    def knows(self) -> Path:
+        return self.path / "knows.parquet"
+
+    @property
     def knowledge_map(self) -> Path:
         return self.path / "knowledge_map.parquet"
+
+    @property
+    def paper_table(self) -> Path:
+        return self.path / "paper_table.parquet"
+
+    @property
+    def paper_intervals(self) -> Path:
+        return self.path / "paper_intervals.parquet"
+
+    @property
+    def specificity_map(self) -> Path:
+        return self.path / "specificity_map.parquet"
 
     @property
     def findings(self) -> Path:
@@ -152,6 +173,14 @@ class Run:
 
     def items_part(self, technique: str, cell: str) -> Path:
         return self.parts / "items" / technique / f"{cell}.parquet"
+
+    def knows_part(self, cell: str) -> Path:
+        """Per-target forced choice of one set (written by the knows stage, read by the
+        known-only causal stages)."""
+        return self.parts / "knows_items" / f"{cell}.parquet"
+
+    def knows_parts(self) -> list[Path]:
+        return sorted((self.parts / "knows_items").glob("*.parquet"))
 
     def cells_dir(self, technique: str, cell: str) -> Path:
         """Directory of a technique's content-keyed sub-cells for one concept set."""

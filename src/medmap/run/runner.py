@@ -186,7 +186,8 @@ def run_technique(
     manifest, ``results.parquet``) plus ``items.parquet`` (per-item detail, where the technique
     has it); a set the technique cannot use is an error, not a skipped set.
     """
-    config = config.model_copy(update={"techniques": [technique]})
+    # validated again, so a known-only causal technique brings its knows stage
+    config = RunConfig(**{**config.model_dump(), "techniques": [technique]})
     return run_map(config, out, report=report, strict=True, item_detail=True)
 
 
@@ -240,6 +241,10 @@ def finish_run(
     ]
     if items:
         write_parquet_atomic(pd.concat(items, ignore_index=True), run.items)
+    knows = [pd.read_parquet(run.knows_part(cell_id(n))) for st, n in cells if st == "knows"]
+    knows = [k for k in knows if len(k)]
+    if knows:
+        write_parquet_atomic(pd.concat(knows, ignore_index=True), run.knows)
     manifest = {
         **_manifest_model(config, run),
         "config": config.model_dump(mode="json"),

@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from medmap.model.loading import MedmapModel
     from medmap.run.config import RunConfig
     from medmap.run.rundir import Run
+    from medmap.techniques.knowledge import Choice
 
 
 # The one vocabulary of token positions. Each technique accepts the subset that makes sense for
@@ -132,6 +133,73 @@ class RunContext:
         k = self.config.max_targets
         items = [it.model_copy(update={"targets": it.targets[:k]}) for it in cs.items]
         return cs.model_copy(update={"items": items})
+
+    # -- known facts (the knows stage) -------------------------------------------------------
+    def knows_items(self, spec: str) -> pd.DataFrame | None:
+        """The knows stage's per-target forced choice of a set (``None`` if it has not run)."""
+        import pandas as pd
+
+        p = self.run.knows_part(cell_id(spec))
+        return pd.read_parquet(p) if p.exists() else None
+
+    def causal_set(self, spec: str, technique: Technique) -> ConceptSet | None:
+        """The concept set a causal technique runs on: targets trimmed (``max_targets``), then,
+        with ``config.known_only``, only the targets the knows stage found known, then the
+        technique's stratified item budget. ``None`` (with a note) when fewer than
+        ``config.min_known`` targets are known: the set is "too few known facts", not mapped.
+
+        The knows stage scores the whole (trimmed) set, so the budget is filled with known items
+        wherever the set has enough.
+        """
+        from medmap.concepts import load_concepts
+
+        cs = self.trim_targets(load_concepts(spec))
+        if self.config.known_only:
+            from medmap.techniques.knowledge import known_only
+
+            df = self.knows_items(spec)
+            if df is None:
+                raise MedmapError(
+                    f"the knows stage has not scored {spec!r}",
+                    hint="run it first (it is part of every known-only run), or set known_only = false",
+                )
+            kept = known_only(cs, df, min_known=self.config.min_known)
+            if kept is None:
+                self.note(
+                    f"{technique.name} skipped for {cs.name}: too few known facts "
+                    f"({int(df['known'].sum())} known, fewer than min_known = {self.config.min_known})"
+                )
+                return None
+            cs = kept
+        cap = technique.item_budget(self.config)
+        if cap is not None and len(cs.items) > cap:
+            cs = cs.subset(cap, seed=self.config.seed)
+        return cs
+
+    def choices(self, spec: str) -> dict[str, Choice]:
+        """Forced-choice candidates per target (``"item_id/target_id"``), as the knows stage
+        scores them: distractors from the whole (trimmed) set, ``config.knows_distractors`` of
+        them, seeded by ``config.seed``. With ``known_only`` the knows stage's best accepted answer
+        comes first in ``accepted`` (the answer the causal techniques score); otherwise the
+        file's first accepted answer does, whether or not the knows stage ran."""
+        from medmap.concepts import load_concepts
+        from medmap.techniques.knowledge import forced_choices
+
+        cs = self.trim_targets(load_concepts(spec))
+        targets = list(cs.targets())
+        real, _, _ = forced_choices(
+            targets, max_distractors=self.config.knows_distractors, seed=self.config.seed
+        )
+        out = {f"{t.item_id}/{t.target_id}": c for t, c in zip(targets, real)}
+        df = self.knows_items(spec) if self.config.known_only else None
+        if df is not None:
+            for r in df[["item_id", "target_id", "best_answer"]].itertuples(index=False):
+                key = f"{r.item_id}/{r.target_id}"
+                c = out.get(key)
+                if c is not None and r.best_answer in c.accepted:
+                    rest = tuple(a for a in c.accepted if a != r.best_answer)
+                    out[key] = type(c)((r.best_answer, *rest), c.distractors)
+        return out
 
 
 class Technique:

@@ -468,9 +468,11 @@ def knows_summary(
 ) -> pd.DataFrame:
     """Tidy rows (technique ``knows``, ``layer`` −1) per (model, concept set) of :func:`knows`
     output: ``known_fraction`` (baseline: mean chance), ``moved_known_fraction`` (the
-    moved-answer control; baseline: its chance), ``margin`` (mean, nats), ``n_known`` (count;
-    baseline: targets scored) and ``too_few_known`` (1 when ``n_known < min_known``: the set is
-    reported, not mapped). ``n`` = targets scored (those with a distractor)."""
+    moved-answer control; baseline: its chance), ``margin`` (mean, nats),
+    ``known_above_chance`` (1 when the known fraction's CI lies above both its chance level and
+    the moved-answer fraction, the baseline; 0: the "known" targets may be lucky guesses),
+    ``n_known`` (count; baseline: targets scored) and ``too_few_known`` (1 when ``n_known <
+    min_known``: the set is reported, not mapped). ``n`` = targets scored (those with a distractor)."""
     from medmap.analysis.results import make_rows
     from medmap.techniques.summary import mean_ci
 
@@ -489,6 +491,13 @@ def knows_summary(
                 {**base, "metric": metric, "value": est, "ci_low": lo, "ci_high": hi,
                  "baseline": float(chance), "n": cnt}
             )  # fmt: skip
+        kf = next(r for r in rows[::-1] if r["metric"] == "known_fraction")
+        mv = next(r for r in rows[::-1] if r["metric"] == "moved_known_fraction")
+        floor = max(kf["baseline"], mv["value"] if np.isfinite(mv["value"]) else 0.0)
+        rows.append(
+            {**base, "metric": "known_above_chance", "value": float(kf["ci_low"] > floor),
+             "baseline": float(floor), "n": len(g)}
+        )  # fmt: skip
         n_known = int(g["known"].sum())
         rows.append(
             {**base, "metric": "n_known", "value": n_known, "baseline": len(g), "n": len(g)}
@@ -502,42 +511,58 @@ def knows_summary(
 
 def known_only(cs, df: pd.DataFrame, *, min_known: int = MIN_KNOWN):
     """The concept set restricted to its known targets (``known`` rows of :func:`knows` output
-    for this set); items with no known target are dropped. Counterfactual pairs built from the
-    result therefore have both prompts known. ``None`` when fewer than ``min_known`` targets are
+    for this set); items with no known target are dropped, and each kept target's accepted
+    answers start with the one the model scored best (``best_answer``: the answer the causal
+    techniques score). Counterfactual pairs built from the result therefore have both prompts
+    known. ``None`` when fewer than ``min_known`` targets are
     known ("too few known facts": report the set, do not map it)."""
     name = getattr(cs, "name", None)
     rows = df[df["concept_set"] == name] if name is not None else df
     keep = known_items(rows)
     if len(keep) < min_known:
         return None
+    best = dict(zip(zip(rows["item_id"], rows["target_id"]), rows["best_answer"]))
     items = []
     for it in cs.items:
-        targets = [t for t in it.targets if (it.id, t.id) in keep]
+        targets = []
+        for t in it.targets:
+            if (it.id, t.id) not in keep:
+                continue
+            b = best.get((it.id, t.id))
+            if b in t.answers and t.answers[0] != b:  # the answer the model chose comes first
+                t = t.model_copy(update={"answers": [b, *(a for a in t.answers if a != b)]})
+            targets.append(t)
         if targets:
             items.append(it.model_copy(update={"targets": targets}))
     return cs.model_copy(update={"items": items})
 
 
 class KnowsTechnique(Technique):
-    """``knows`` as a run stage: forced choice on every item of the set (the same stratified
-    subset and target trim as the causal stages), per-item detail kept, tidy summary rows."""
+    """``knows`` as a run stage: forced choice on every target of the whole set (``max_targets``
+    trimmed; ``knows_max_items`` bounds it to a stratified subset, distractors still from the
+    whole set), so the causal stages can fill their budget with known items; the
+    per-target frame stored for them (``Run.knows_part``), tidy summary rows."""
 
     name = "knows"
     title = "knowledge checks"
     map_rows = ()
 
+    def item_budget(self, config) -> int | None:
+        return config.knows_max_items
+
     def run_cell(self, model: MedmapModel, cell, ctx) -> pd.DataFrame:
+        from medmap.run.outputs import write_parquet_atomic
+
         cfg = ctx.config
-        cs = ctx.trim_targets(ctx.load_set(cell.concept_set, self))
+        cs = ctx.trim_targets(load_concepts(cell.concept_set))
         df = knows(
             model,
             cs,
-            max_distractors=getattr(cfg, "knows_distractors", MAX_DISTRACTORS),
+            max_items=cfg.knows_max_items,  # a stratified subset; distractors from the whole set
+            max_distractors=cfg.knows_distractors,
             seed=cfg.seed,
             batch_size=cfg.batch_size,
             progress=ctx.progress,
         )
-        ctx.keep_items(self.name, cell, df)
-        return knows_summary(
-            df, min_known=getattr(cfg, "min_known", MIN_KNOWN), n_boot=cfg.n_boot, seed=cfg.seed
-        )
+        write_parquet_atomic(df, ctx.run.knows_part(cell.key))  # before the cell: see RunContext
+        return knows_summary(df, min_known=cfg.min_known, n_boot=cfg.n_boot, seed=cfg.seed)

@@ -30,8 +30,8 @@ from medmap.model.targets import encode_targets, prediction_index, target_scores
 from medmap.run.cells import CellCache, cell_key, model_identity
 from medmap.techniques.base import Cell, RunContext, Technique
 from medmap.techniques.capture import iter_batches
-from medmap.techniques.concept_io import concept_targets, select_items, set_name
-from medmap.techniques.summary import mean_ci, relative_depth, specificity_row
+from medmap.techniques.concept_io import concept_targets, plain_or_concepts, set_name
+from medmap.techniques.summary import mean_ci, relative_depth, specificity_row, split_half_rows
 from medmap.techniques.sweep import sweep_cells
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -279,8 +279,12 @@ def lesion_specificity(
 
 def lesion_concepts(
     model: MedmapModel,
-    cs,
+    cs=None,
     *,
+    prompts: Sequence[str] | None = None,
+    targets: Sequence[str] | None = None,
+    item_ids: Sequence[str] | None = None,
+    concept_set: str | None = None,
     layers: Sequence[int] | None = None,
     window: int = 1,
     k: int = 5,
@@ -292,10 +296,30 @@ def lesion_concepts(
     cache_dir: str | os.PathLike | None = None,
     site: str = "block",
 ) -> pd.DataFrame:
-    """:func:`lesion` over a concept set's targets (first accepted answer), as tidy rows.
+    """:func:`lesion` over a concept set's targets or over plain strings, as tidy rows.
 
-    ``site``: ``"block"``, ``"attn"`` or ``"mlp"`` (see :func:`lesion`)."""
-    ct = concept_targets(select_items(cs, max_items, seed))  # stratified, as everywhere
+    Args:
+        cs: a concept set (a :class:`~medmap.concepts.ConceptSet`, a bundled name such as
+            ``"drugs"``, or a ``.yaml``/``.csv`` path): every target, scored with its first
+            accepted answer; ``max_items`` takes a stratified, seeded subset
+            (``ConceptSet.subset``).
+        prompts / targets: instead of ``cs``, the plain strings :func:`lesion` takes (item ``i``
+            scores ``targets[i]`` after ``prompts[i]``); ``max_items`` keeps the first items;
+            ``item_ids`` label them (default: the index).
+        concept_set: the ``concept_set`` column (default: the set's name, or ``"custom"``).
+        layers, window, k, batch_size, cache_dir, site: as in :func:`lesion` (``site``:
+            ``"block"``, ``"attn"`` or ``"mlp"``).
+        n_boot / seed: bootstrap resamples and seed of the CIs (and of the subset).
+
+    Returns:
+        :func:`lesion_summary` rows (the :mod:`medmap.analysis.results` columns plus
+        ``window`` and ``site``), the same shape for a concept set and for plain strings: the
+        same prompts and answers give the same rows whichever way they come.
+    """
+    ct, name = plain_or_concepts(
+        cs, prompts=prompts, targets=targets, item_ids=item_ids, concept_set=concept_set,
+        max_items=max_items, seed=seed, technique="lesion",
+    )  # fmt: skip
     df = lesion(
         model,
         ct.prompts,
@@ -304,7 +328,7 @@ def lesion_concepts(
         window,
         k=k,
         batch_size=batch_size,
-        concept_set=set_name(cs),
+        concept_set=name,
         item_ids=ct.ids,
         progress=progress,
         cache_dir=cache_dir,
@@ -314,15 +338,77 @@ def lesion_concepts(
 
 
 class LesionTechnique(Technique):
-    """Layer lesioning through the technique interface (:mod:`medmap.techniques.base`)."""
+    """Layer lesioning through the technique interface (:mod:`medmap.techniques.base`).
+
+    In a run every target is lesioned with its forced-choice candidates (the knows stage's best
+    accepted answer against the same distractors, :meth:`RunContext.choices`), so each cell has
+    ΔNLL, top-1/top-k of the scored answer, Δmargin, Δcorrect and, with generic damage on the
+    bundled neutral text (``generic_sentences``), the fact-specific damage
+    (:func:`lesion_margins`). A set whose targets have no distractor gets ΔNLL only. With
+    ``known_only`` only known targets are lesioned (:meth:`RunContext.causal_set`).
+    """
 
     name = "lesion"
     title = "lesions"
     map_rows = ("lesion",)
 
     def run_cell(self, model: MedmapModel, cell: Cell, ctx: RunContext) -> pd.DataFrame:
+        from medmap.analysis.results import COLUMNS
+        from medmap.techniques.knowledge import Choice
+
         cfg = ctx.config
-        cs = ctx.trim_targets(ctx.load_set(cell.concept_set, self))
+        cs = ctx.causal_set(cell.concept_set, self)
+        if cs is None:  # too few known facts: the knows rows say so
+            return pd.DataFrame(columns=COLUMNS)
+        targets = list(cs.targets())
+        choices = ctx.choices(cell.concept_set)
+        scored = [choices.get(f"{t.item_id}/{t.target_id}") for t in targets]
+        if not any(c is not None and c.distractors for c in scored):
+            return self._nll_only(model, cs, cell, ctx)
+        # the scored answer against the distractors: margin base = the knows stage's margin
+        picked = [
+            Choice(c.accepted[:1], c.distractors) if c is not None else Choice((), ())
+            for c in scored
+        ]
+        frames = []
+        for site in cfg.lesion_sites:
+            generic = generic_damage(
+                model, None, cfg.lesion_window, max_sentences=cfg.generic_sentences,
+                batch_size=cfg.batch_size, site=site, progress=ctx.progress,
+                cache_dir=ctx.run.cells_dir(self.name, "neutral"),
+            )  # fmt: skip
+            frames.append(
+                lesion_margins(
+                    model,
+                    targets,
+                    None,
+                    cfg.lesion_window,
+                    choices=picked,
+                    k=cfg.lesion_k,
+                    batch_size=cfg.batch_size,
+                    concept_set=set_name(cs),
+                    generic=generic,
+                    site=site,
+                    progress=ctx.progress,
+                    cache_dir=ctx.run.cells_dir(self.name, cell.key),
+                )  # fmt: skip
+            )
+        items = pd.concat(frames, ignore_index=True)
+        ctx.keep_items(self.name, cell, items)
+        stab = split_half_rows(
+            items, value="specific_damage", map_name="lesion", by=("site",), seed=cfg.seed
+        )
+        return pd.concat(
+            [
+                lesion_summary(items, n_boot=cfg.n_boot, seed=cfg.seed),
+                lesion_knowledge_summary(items, n_boot=cfg.n_boot, seed=cfg.seed),
+                make_rows(stab),
+            ],
+            ignore_index=True,
+        )
+
+    def _nll_only(self, model: MedmapModel, cs, cell: Cell, ctx: RunContext) -> pd.DataFrame:
+        cfg = ctx.config
         ct = concept_targets(cs)
         frames = [
             lesion(
@@ -338,12 +424,18 @@ class LesionTechnique(Technique):
                 progress=ctx.progress,
                 cache_dir=ctx.run.cells_dir(self.name, cell.key),
                 site=site,
-            )
-            for site in getattr(cfg, "lesion_sites", ["block"])
+            )  # fmt: skip
+            for site in cfg.lesion_sites
         ]
         items = pd.concat(frames, ignore_index=True)
         ctx.keep_items(self.name, cell, items)
-        return lesion_summary(items, n_boot=cfg.n_boot, seed=cfg.seed)
+        stab = split_half_rows(
+            items, value="delta_nll", map_name="lesion", by=("site",), seed=cfg.seed
+        )
+        return pd.concat(
+            [lesion_summary(items, n_boot=cfg.n_boot, seed=cfg.seed), make_rows(stab)],
+            ignore_index=True,
+        )
 
 
 # --------------------------------------------------------------------------- knowledge, not fluency
@@ -463,8 +555,8 @@ def lesion_margins(
 
     Returns:
         One row per (layer, item): ``model, concept_set, n_layers, layer, block, window, site,
-        item_id, n_candidates, nll_base, nll_lesioned, delta_nll`` (first accepted answer,
-        as :func:`lesion`), ``margin_base, margin_lesioned, delta_margin, correct_base,
+        item_id, n_candidates, nll_base, nll_lesioned, delta_nll``, ``top1_*`` / ``topk_*``
+        (first accepted answer, as :func:`lesion`), ``margin_base, margin_lesioned, delta_margin, correct_base,
         correct_lesioned, delta_correct`` and, with ``generic``, ``generic_delta_nll, beta,
         specific_damage``.
     """
@@ -515,6 +607,7 @@ def lesion_margins(
                 "nll_base": float(first["nll_base"]),
                 "nll_lesioned": float(first["nll_lesioned"]),
                 "delta_nll": float(first["delta_nll"]),
+                **{c: float(first[c]) for c in _TOPK_COLUMNS},
                 "margin_base": mb,
                 "margin_lesioned": ml,
                 "delta_margin": ml - mb,
@@ -527,6 +620,11 @@ def lesion_margins(
     if generic is not None:
         out = add_specific_damage(out, generic)
     return out
+
+
+_TOPK_COLUMNS = (
+    "top1_base", "top1_lesioned", "delta_top1", "topk_base", "topk_lesioned", "delta_topk",
+)  # fmt: skip
 
 
 def add_specific_damage(margins: pd.DataFrame, generic: pd.DataFrame) -> pd.DataFrame:

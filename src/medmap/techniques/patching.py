@@ -37,6 +37,7 @@ from medmap.model.tokens import Batch, encode, span_tokens
 from medmap.run.cells import CellCache, cell_key, model_identity
 from medmap.techniques.base import Cell, RunContext, Technique
 from medmap.techniques.capture import iter_batches
+from medmap.techniques.concept_io import as_concept_set, check_one_source, set_name
 from medmap.techniques.summary import mean_ci, relative_depth
 from medmap.techniques.sweep import sweep_cells
 
@@ -436,8 +437,15 @@ def concept_pairs(model: MedmapModel, cs, max_pairs: int = 32, seed: int = 0) ->
 
 def patch_concepts(
     model: MedmapModel,
-    cs,
+    cs=None,
     *,
+    clean_prompts: Sequence[str] | None = None,
+    corrupt_prompts: Sequence[str] | None = None,
+    clean_targets: Sequence[str] | None = None,
+    corrupt_targets: Sequence[str] | None = None,
+    concept_spans: Sequence | None = None,
+    pair_ids: Sequence[str] | None = None,
+    concept_set: str | None = None,
     layers: Sequence[int] | None = None,
     positions: str | Sequence[str] = ("last", "concept"),
     max_pairs: int = 32,
@@ -449,16 +457,58 @@ def patch_concepts(
     cache_dir: str | os.PathLike | None = None,
     site: str = "block",
 ) -> pd.DataFrame:
-    """:func:`patch` over a concept set's counterfactual pairs, as tidy rows (``site``: see
-    :func:`patch`)."""
-    pairs = concept_pairs(model, cs, max_pairs=max_pairs, seed=seed)
+    """:func:`patch` over a concept set's counterfactual pairs or over plain pair lists, as tidy
+    rows.
+
+    Args:
+        cs: a concept set (a :class:`~medmap.concepts.ConceptSet`, a bundled name or a
+            ``.yaml``/``.csv`` path): up to ``max_pairs`` counterfactual pairs drawn with
+            ``seed`` (:func:`concept_pairs`), with their concept spans and ids.
+        clean_prompts / corrupt_prompts / clean_targets / corrupt_targets: instead of ``cs``,
+            the plain lists :func:`patch` takes (pair ``i``, same token length), used whole;
+            ``concept_spans`` (needed by position ``"concept"``) and ``pair_ids`` (default:
+            the index) as in :func:`patch`.
+        concept_set: the ``concept_set`` column (default: the set's name, or ``"custom"``).
+        layers, positions, batch_size, direction, cache_dir, site: as in :func:`patch`
+            (``site``: ``"block"``, ``"attn"`` or ``"mlp"``); ``n_boot`` / ``seed``: the CIs.
+
+    Returns:
+        :func:`patch_summary` rows (the :mod:`medmap.analysis.results` columns plus
+        ``position``, ``direction`` and ``site``), the same shape for a concept set and for
+        plain lists: the same pairs give the same rows whichever way they come.
+    """
+    plain = {
+        "clean_prompts": clean_prompts,
+        "corrupt_prompts": corrupt_prompts,
+        "clean_targets": clean_targets,
+        "corrupt_targets": corrupt_targets,
+    }
+    if check_one_source(cs, plain, "patching"):
+        pairs = {k: list(v) for k, v in plain.items()}
+        pairs["concept_spans"] = None if concept_spans is None else list(concept_spans)
+        pairs["pair_ids"] = None if pair_ids is None else list(pair_ids)
+        if concept_spans is None and "concept" in _positions(positions):
+            raise MedmapError(
+                "patching: position 'concept' needs concept_spans with plain prompt lists",
+                hint="pass concept_spans=[(start, end), ...] (one per pair) or positions='last'",
+            )
+        name = concept_set or "custom"
+    else:
+        if concept_spans is not None or pair_ids is not None:
+            raise MedmapError(
+                "patching: concept_spans and pair_ids go with plain prompt lists",
+                hint="a concept set gives its pairs' spans and ids itself",
+            )
+        cs = as_concept_set(cs)
+        pairs = concept_pairs(model, cs, max_pairs=max_pairs, seed=seed)
+        name = concept_set or set_name(cs)
     df = patch(
         model,
         layers=layers,
         positions=positions,
         batch_size=batch_size,
         direction=direction,
-        concept_set=str(getattr(cs, "name", "custom")),
+        concept_set=name,
         progress=progress,
         cache_dir=cache_dir,
         site=site,
@@ -478,7 +528,9 @@ class PatchingTechnique(Technique):
         from medmap.analysis.results import COLUMNS
 
         cfg = ctx.config
-        cs = ctx.load_set(cell.concept_set, self)
+        cs = ctx.causal_set(cell.concept_set, self)  # known targets only, with known_only
+        if cs is None:  # too few known facts: the knows rows say so
+            return pd.DataFrame(columns=COLUMNS)
         try:
             pairs = concept_pairs(model, cs, max_pairs=cfg.max_pairs, seed=cfg.seed)
         except NoPairsError as e:
@@ -503,4 +555,15 @@ class PatchingTechnique(Technique):
         ]
         items = pd.concat(frames, ignore_index=True)
         ctx.keep_items(self.name, cell, items)
-        return patch_summary(items, n_boot=cfg.n_boot, seed=cfg.seed)
+        from medmap.analysis.results import make_rows
+        from medmap.techniques.summary import split_half_rows
+
+        den = items[items["direction"] == "denoise"] if "direction" in items else items
+        stab = split_half_rows(
+            den, value="restored", map_name="patching", item="pair_id",
+            by=("site", "position"), seed=cfg.seed,
+        )  # fmt: skip
+        return pd.concat(
+            [patch_summary(items, n_boot=cfg.n_boot, seed=cfg.seed), make_rows(stab)],
+            ignore_index=True,
+        )

@@ -9,7 +9,9 @@ Out of memory: the same chunk is recomputed in micro-batches of half the size (a
 to one item, see :func:`medmap.batching.run_with_backoff`), and the smaller size is kept for the
 following chunks. The cells keep their keys: a cell computed in micro-batches is the
 concatenation of its micro-batches' rows, stored once all of them are done, so batch-size
-back-off never changes which cells exist and a resumed run still finds them.
+back-off never changes which cells exist and a resumed run still finds them. A technique whose
+items are already one per pass (saliency: one backward pass per item, so a smaller batch frees
+nothing) turns the back-off off with ``backoff=False``; its cells have a single pseudo-layer.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def sweep_cells(
     description: str = "sweep",
     progress: bool = False,
     what: str = "item",
+    backoff: bool = True,
+    count: str = "cells",
 ) -> list[pd.DataFrame]:
     """Run every (chunk, layer) cell not yet in ``cache``; return all cells' frames.
 
@@ -51,32 +55,47 @@ def sweep_cells(
             once per layer as soon as that layer is done. It must leave no state behind when it
             raises (it is called again for the same items with a smaller slice).
         cache: finished cells.
-        description / progress: label of the progress bar (one step per cell) and whether to
+        description / progress: label of the progress bar (see ``count``) and whether to
             show it.
         what: word for the items in the out-of-memory message.
+        backoff: retry a chunk that runs out of memory in halved micro-batches (see the module
+            docstring). ``False``: ``compute`` is called once per chunk with all its items and
+            any error (out of memory included) propagates unchanged.
+        count: what the progress bar counts: ``"cells"`` (one step per cell) or ``"items"``
+            (``n_items * len(layers)`` steps; a cell advances it by its number of items).
 
     Returns:
         The frames in chunk-major, then ``layers`` order.
     """
+    if count not in ("cells", "items"):
+        raise ValueError(f"count must be 'cells' or 'items', not {count!r}")
     size = batch_size
     frames: list[pd.DataFrame] = []
     chunks = list(iter_batches(n_items, batch_size))
-    total = len(chunks) * len(layers)
-    with progress_bar(description, total=total, enabled=progress) as advance:
+    total = (n_items if count == "items" else len(chunks)) * len(layers)
+    with progress_bar(description, total=total, enabled=progress) as bar:
         for chunk in chunks:
+            step = chunk.stop - chunk.start if count == "items" else 1
+
+            def advance(cells: int, step: int = step) -> None:
+                bar(cells * step)
+
             keys = {layer: key_of(chunk, layer) for layer in layers}
             done = {layer: cache.get(key) for layer, key in keys.items()}
             missing = [layer for layer, df in done.items() if df is None]
             advance(len(layers) - len(missing))
             if missing:
                 size = _compute_chunk(
-                    chunk, missing, keys, done, compute, cache, advance, size, what
-                )
+                    chunk, missing, keys, done, compute, cache, advance, size, what,
+                    backoff=backoff,
+                )  # fmt: skip
             frames.extend(done[layer] for layer in layers)
     return frames
 
 
-def _compute_chunk(chunk, missing, keys, done, compute, cache, advance, size, what) -> int:
+def _compute_chunk(
+    chunk, missing, keys, done, compute, cache, advance, size, what, *, backoff=True
+) -> int:
     n = chunk.stop - chunk.start
     parts: dict[int, list[pd.DataFrame]] = {}
 
@@ -96,6 +115,9 @@ def _compute_chunk(chunk, missing, keys, done, compute, cache, advance, size, wh
         for layer, df in local.items():  # only a finished micro-batch counts
             parts.setdefault(layer, []).append(df)
 
+    if not backoff:  # the whole chunk at once, errors unchanged
+        process(slice(0, n))
+        return size
     size = run_with_backoff(process, n, min(size, n), what=what)
     for layer in missing:
         if done[layer] is None:

@@ -8,10 +8,13 @@
    :mod:`medmap.techniques.representation.features`) and PCA-reduced to <= 50 dims;
 3. per label: cluster and probe scores (:mod:`medmap.techniques.representation.scores`);
 4. phenomenon detectors and geometry (:mod:`medmap.techniques.representation.detectors`);
-5. a 2-D UMAP per layer, aligned across layers (:mod:`medmap.techniques.representation.embed`).
+5. a 2-D UMAP per layer, aligned across layers (:mod:`medmap.techniques.representation.embed`);
+6. for concepts with a written amount ("15 g of x"), the surface baseline of the probes
+   (:mod:`medmap.techniques.representation.surface_rows`).
 
 Every figure is a row of the tidy results table (:mod:`medmap.analysis.results`), with the extra columns
-``position`` (``concept``/``last``/...) and ``preprocess`` (e.g. ``standardize+pca50``).
+``position`` (``concept``/``last``/...) and ``preprocess`` (e.g. ``standardize+pca50``); the
+surface-baseline rows also fill ``feature`` (the surface feature read, or matched on).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from medmap.analysis.results import make_rows, relative_depth
 from medmap.errors import MedmapError
 from medmap.progress import progress_bar
 from medmap.techniques.representation import detectors as det
+from medmap.techniques.representation import surface_rows as surf
 from medmap.techniques.representation.embed import Align, embed_layers
 from medmap.techniques.representation.features import (
     LayerFeatures,
@@ -68,12 +72,14 @@ class RepresentationResult:
 
 @dataclass
 class Label:
-    """One item label: name, kind (categorical|ordinal|numeric|identifier|text), per-item values."""
+    """One item label: name, kind (categorical|ordinal|numeric|identifier|text), per-item values
+    (``values`` as scored, ``raw`` as written), ``levels``: an ordinal label's declared order."""
 
     name: str
     kind: str
     values: list
     raw: list
+    levels: list | None = None
 
 
 @dataclass
@@ -101,7 +107,8 @@ def item_info(concepts_or_labels: Any, n_items: int, set_name: str | None = None
         labels = []
         for name, spec in cs.labels.items():
             raw = [it.labels.get(name) for it in cs.items]
-            labels.append(Label(name, str(spec.kind), list(cs.label_values(name)), raw))
+            values = list(cs.label_values(name))
+            labels.append(Label(name, str(spec.kind), values, raw, spec.order))
         ids = [str(it.id) for it in cs.items]
         texts = [str(it.concept) for it in cs.items]
         name = set_name or str(cs.name)
@@ -128,6 +135,14 @@ def item_info(concepts_or_labels: Any, n_items: int, set_name: str | None = None
     if len(ids) != n_items:
         raise MedmapError(f"{len(ids)} items in the concept set but activations for {n_items}")
     return ItemInfo(ids, texts, labels, name)
+
+
+def _note(text: str) -> None:
+    """A one-line note on stderr (as :meth:`medmap.techniques.base.RunContext.note`)."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[yellow]{escape(text)}[/]")
 
 
 def _rng(seed: int, layer: int, tag: str) -> np.random.Generator:
@@ -186,6 +201,8 @@ def analyse_activations(
     early_depth: float = 0.25,
     n_null: int = 200,
     umap30: bool = True,
+    tokenizer: Any = None,
+    n_perm_surface: int = 200,
     progress: bool = False,
 ) -> RepresentationResult:
     """Scores, detectors and (optionally) UMAP coordinates of activations.
@@ -211,6 +228,10 @@ def analyse_activations(
             age-curve resamples; docs/detectors.md "Nulls").
         umap30: with ``umap``, also a 30-dimensional UMAP per layer for the paper's silhouettes
             (``silhouette_umap30`` per categorical label, with a label-permutation null).
+        tokenizer: the model's tokenizer, for the ``tokens`` surface feature of concepts with a
+            written amount (without it the surface baseline uses digits and characters only).
+        n_perm_surface: label permutations of the surface baseline's null (layer -1
+            ``surface_probe_acc``; docs/detectors.md "Surface baseline").
 
     Returns:
         :class:`RepresentationResult`.
@@ -255,6 +276,8 @@ def _analyse(
     early_depth,
     n_null,
     umap30,
+    tokenizer,
+    n_perm_surface,
     progress,
 ) -> RepresentationResult:
     acts = np.asarray(acts)
@@ -327,6 +350,32 @@ def _analyse(
             len(np.unique(template_index)), N_SPLITS, _rng(seed, -1, "template_halves")
         )
     halves_profile: dict[tuple[str, str], list[np.ndarray]] = {}
+    surface, plans, skipped = surf.plan_surface(
+        info, tokenizer=tokenizer, seed=seed, n_perm=n_perm_surface
+    )
+    for name, sc, feature in surface:
+        rows.append(_row(sc, -1, name, ctx) | {"feature": feature})
+    if skipped:
+        _note(
+            f"{info.set_name}: no surface-matched probe for {', '.join(skipped)} (no subset "
+            f"balanced on the digit, character or token counts has "
+            f"{surf.MIN_MATCHED_PER_LABEL} items of every level)"
+        )
+    setup = _LayerSetup(
+        info=info,
+        ctx=ctx,
+        tc=tc,
+        seed=seed,
+        n_boot=n_boot,
+        n_perm=n_perm,
+        n_perm_probe=n_perm_probe,
+        n_null=n_null,
+        k=k,
+        age=age if age_ok else None,
+        has_prog=has_prog,
+        contrast=(con_a, con_b) if has_contrast else None,
+        splits=splits,
+    )
     with progress_bar(f"scores {info.set_name}", total=n_kept, enabled=progress) as advance:
         for j, layer in enumerate(layer_ids):
             x = np.asarray(acts[:, j, :], dtype=np.float32)
@@ -344,37 +393,14 @@ def _analyse(
             else:
                 feats = layer_features(x, scaling=scaling, n_components=n_components, seed=seed)
             zs.append(feats.z)
-            rows += _layer_rows(
-                feats,
-                layer,
-                info,
-                ctx,
-                tc=tc,
-                seed=seed,
-                n_boot=n_boot,
-                n_perm=n_perm,
-                n_perm_probe=n_perm_probe,
-                k=k,
-                age=age if age_ok else None,
-                has_prog=has_prog,
-                contrast=(con_a, con_b) if has_contrast else None,
-            )
-            rows += _null_rows(
-                feats,
-                layer,
-                info,
-                ctx,
-                tc=tc,
-                seed=seed,
-                n_boot=n_boot,
-                n_null=n_null,
-                k=k,
-                age=age if age_ok else None,
-                has_prog=has_prog,
-                contrast=(con_a, con_b) if has_contrast else None,
-                splits=splits,
-                halves_profile=halves_profile,
-            )
+            rows += _layer_rows(feats, layer, setup)
+            rows += _null_rows(feats, layer, setup, halves_profile)
+            for plan in plans:
+                rng = _rng(seed, layer, f"{plan.label.name}:surface_matched")
+                for sc in surf.matched_scores(
+                    feats.z, plan, rng=rng, seed=seed, n_boot=n_boot, n_perm_probe=n_perm_probe
+                ):
+                    rows.append(_row(sc, layer, plan.label.name, ctx) | {"feature": plan.feature})
             geo = det.geometry(feats.raw, geo_idx)
             rows += [_row(s, layer, "", ctx) for s in geo.scores]
             rank_profile.append(geo.scores[0].value)
@@ -431,23 +457,42 @@ def _analyse(
     return RepresentationResult(table=table, coords=coords)
 
 
-def _layer_rows(
-    feats: LayerFeatures,
-    layer: int,
-    info: ItemInfo,
-    ctx: dict,
-    *,
-    tc: np.ndarray | None,
-    seed: int,
-    n_boot: int,
-    n_perm: int,
-    n_perm_probe: int,
-    k: int,
-    age: Label | None,
-    has_prog: bool,
-    contrast: tuple[Label, Label] | None,
-) -> list[dict]:
+@dataclass(frozen=True, eq=False)
+class _LayerSetup:
+    """What the rows of every layer share (:func:`_layer_rows`, :func:`_null_rows`): the items,
+    the row context of :func:`_row`, the resampling sizes and the detectors that apply.
+
+    Attributes:
+        tc: per-item concept token counts ``(n_items,)`` or ``None``.
+        n_boot / n_perm / n_perm_probe / n_null / k: bootstrap resamples, label permutations
+            (cluster / probe baselines), draws of every detector null, k-NN neighbours.
+        age: the ordinal label of the age detectors, or ``None``.
+        has_prog: whether the progression detectors apply (``series`` and ``stage`` labels).
+        contrast: the two categorical labels compared, or ``None``.
+        splits: template half-splits ``(n_splits, n_templates)`` shared by every layer, or
+            ``None`` (fewer than two templates).
+    """
+
+    info: ItemInfo
+    ctx: dict
+    tc: np.ndarray | None
+    seed: int
+    n_boot: int
+    n_perm: int
+    n_perm_probe: int
+    n_null: int
+    k: int
+    age: Label | None
+    has_prog: bool
+    contrast: tuple[Label, Label] | None
+    splits: np.ndarray | None
+
+
+def _layer_rows(feats: LayerFeatures, layer: int, setup: _LayerSetup) -> list[dict]:
     """Cluster/probe scores of every label plus the detectors of one layer."""
+    info, ctx, tc, seed, n_boot = setup.info, setup.ctx, setup.tc, setup.seed, setup.n_boot
+    n_perm, n_perm_probe, k = setup.n_perm, setup.n_perm_probe, setup.k
+    age, has_prog, contrast = setup.age, setup.has_prog, setup.contrast
     rows: list[dict] = []
     z = feats.z
     sil_by_label: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -592,21 +637,7 @@ def _contrast_codes(a: Label, b: Label):
 
 
 def _null_rows(
-    feats: LayerFeatures,
-    layer: int,
-    info: ItemInfo,
-    ctx: dict,
-    *,
-    tc,
-    seed: int,
-    n_boot: int,
-    n_null: int,
-    k: int,
-    age: Label | None,
-    has_prog: bool,
-    contrast: tuple[Label, Label] | None,
-    splits: np.ndarray | None,
-    halves_profile: dict,
+    feats: LayerFeatures, layer: int, setup: _LayerSetup, halves_profile: dict
 ) -> list[dict]:
     """Nulls of the detectors of one layer (new rows; the detectors' own rows are unchanged).
 
@@ -614,6 +645,9 @@ def _null_rows(
     ``halves_profile[(metric, label)]`` (one ``(n_splits, 2)`` array per layer) for
     :func:`_stability_rows`.
     """
+    info, ctx, tc, seed, n_boot = setup.info, setup.ctx, setup.tc, setup.seed, setup.n_boot
+    n_null, k, splits = setup.n_null, setup.k, setup.splits
+    age, has_prog, contrast = setup.age, setup.has_prog, setup.contrast
     from sklearn.metrics import pairwise_distances
 
     from medmap.techniques.representation.scores import knn_agreement, knn_indices, mean_ci

@@ -64,6 +64,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medmap.analysis.stats import profile_reliability, spearman_brown  # noqa: F401
 from medmap.techniques.representation.scores import (
     Score,
     boot_indices,
@@ -867,23 +868,6 @@ def local_anisotropy(z: np.ndarray, k: int = 20) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- stability
-
-
-def spearman_brown(r: float) -> float:
-    """Split-half correlation ``r`` → reliability of the full length, ``2r / (1 + r)``."""
-    if not np.isfinite(r) or r <= -1:
-        return float("nan")
-    return float(2 * r / (1 + r))
-
-
-def profile_reliability(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman–Brown corrected Pearson correlation of two half profiles over layers (NaN
-    when fewer than 3 finite layers or a profile is constant)."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    ok = np.isfinite(a) & np.isfinite(b)
-    if ok.sum() < 3 or np.std(a[ok]) == 0 or np.std(b[ok]) == 0:
-        return float("nan")
-    return spearman_brown(float(np.corrcoef(a[ok], b[ok])[0, 1]))
 
 
 def progression_point(z: np.ndarray, series: np.ndarray, stages: np.ndarray) -> tuple[float, float]:

@@ -29,6 +29,8 @@ import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 
+from medmap.analysis.stats import bootstrap_indices
+
 Scaling = Literal["standardize", "center", "none"]
 
 
@@ -131,6 +133,10 @@ def template_bootstrap(
     differences between items, as they do in the estimate. Without ``template_index``, each
     item's prompts are resampled independently. Returns ``None`` when no item has two or more
     prompts (a template bootstrap then carries no information).
+
+    Indices come from :func:`medmap.analysis.stats.bootstrap_indices` (the one bootstrap
+    helper): ``(n_boot, n_templates)`` template draws, or per item ``(n_boot, count)`` draws
+    in item order, all from ``rng``.
     """
     if feats.z_prompts is None or feats.item_index is None:
         return None
@@ -147,7 +153,7 @@ def template_bootstrap(
     if feats.template_index is not None:
         tpl = feats.template_index[order]
         uniq, tpl_code = np.unique(tpl, return_inverse=True)
-        draws = rng.integers(0, len(uniq), size=(n_boot, len(uniq)))
+        draws = bootstrap_indices(rng, len(uniq), n_boot)  # template multisets
         for b in range(n_boot):
             w = np.bincount(draws[b], minlength=len(uniq))[tpl_code].astype(float)
             den = np.add.reduceat(w, starts)
@@ -157,9 +163,12 @@ def template_bootstrap(
                 den = np.add.reduceat(w, starts)
             out[b] = np.add.reduceat(zp * w[:, None], starts, axis=0) / den[:, None]
         return out
-    # For every item, draw `count` rows among its own `count` rows (blocks stay contiguous).
-    u = rng.random((n_boot, len(idx)))
-    rows = starts[items_sorted] + np.floor(u * counts[items_sorted]).astype(np.int64)
+    # For every item (in item order), draw `count` rows among its own `count` rows (blocks stay
+    # contiguous): one bootstrap_indices call per item, offset to the item's block.
+    rows = np.concatenate(
+        [starts[i] + bootstrap_indices(rng, int(c), n_boot) for i, c in enumerate(counts) if c],
+        axis=1,
+    )
     for b in range(n_boot):
         out[b] = np.add.reduceat(zp[rows[b]], starts, axis=0) / counts[:, None]
     return out

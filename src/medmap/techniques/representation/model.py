@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,8 +102,12 @@ def _captured(
 
 def representation_map(
     model: MedmapModel,
-    concepts,
+    concepts=None,
     *,
+    prompts: list[str] | None = None,
+    labels: dict | None = None,
+    spans: list[tuple[int, int]] | None = None,
+    concept_set: str | None = None,
     position: str = "concept",
     layers: list[int] | None = None,
     seed: int = 0,
@@ -120,7 +125,15 @@ def representation_map(
 
     Args:
         model: a :class:`medmap.MedmapModel` (``.name``, ``.n_layers``, ``.tokenizer``).
-        concepts: a ConceptSet or the name of a bundled set.
+        concepts: a ConceptSet, the name of a bundled set or a ``.yaml``/``.csv`` path.
+        prompts / labels / spans: instead of ``concepts``, plain strings: one prompt per item,
+            ``labels`` ``{name: values}`` or ``{name: (kind, values)}`` (one value per item, see
+            :func:`medmap.techniques.representation.api.item_info`) and per prompt the
+            concept's character span ``(start, end)`` (needed by ``position="concept"``; also
+            gives the concept token counts of the controlled age detector). ``max_items``
+            keeps the first items; item ids are the index. Plain prompts carry no concept
+            texts, so they get no surface baseline (concepts with a written amount).
+        concept_set: the ``concept_set`` column (default: the set's name, or ``"custom"``).
         position: ``"concept"`` (default: the tokens of the concept span, averaged) or
             ``"last"`` (the last token of each prompt).
         layers: residual indices ``0..n_layers`` (default all).
@@ -136,20 +149,31 @@ def representation_map(
             ``n_components``, ``align``, ``n_perm``, ...).
 
     Each item's activation is the mean over its templates (prompts); see
-    :mod:`medmap.techniques.representation.features`.
+    :mod:`medmap.techniques.representation.features`. A concept set and plain strings give the
+    same :class:`RepresentationResult` (tidy table and coordinates) for the same prompts and
+    labels: plain prompts are a set with one template per item.
     """
-    if isinstance(concepts, str):
-        from medmap.concepts import load_concepts
+    from medmap.techniques.concept_io import as_concept_set, check_one_source
 
-        concepts = load_concepts(concepts)
     if position not in POSITIONS:
         raise MedmapError(f"unknown position {position!r}", hint="use 'concept' or 'last'")
-    if max_items is not None and len(concepts.items) > max_items:
-        concepts = concepts.subset(max_items, seed=seed)
-    prompts = rendered_prompts(concepts, max_templates)
+    if check_one_source(concepts, {"prompts": prompts, "labels": labels}, "representation"):
+        concepts, prompts, name = _plain_items(prompts, labels, spans, position, max_items)
+        n_items = len(prompts)
+    else:
+        if spans is not None:
+            raise MedmapError(
+                "representation: spans go with plain prompts",
+                hint="a concept set gives its concept spans itself",
+            )
+        concepts = as_concept_set(concepts)
+        if max_items is not None and len(concepts.items) > max_items:
+            concepts = concepts.subset(max_items, seed=seed)
+        prompts = rendered_prompts(concepts, max_templates)
+        name = concepts.name
+        n_items = len(concepts.items)
     texts = [p.text for p in prompts]
     item_index = np.array([p.item_index for p in prompts], dtype=np.int64)
-    n_items = len(concepts.items)
     pos: Any = [tuple(p.span) for p in prompts] if position == "concept" else "last"
     layer_ids = list(range(model.n_layers + 1)) if layers is None else [int(x) for x in layers]
     if activations is None:
@@ -159,7 +183,9 @@ def representation_map(
             f"activations have shape {np.shape(activations)}, expected "
             f"({len(texts)}, {len(layer_ids)}, d_model) for the rendered prompts and layers"
         )
-    token_counts = concept_token_counts(model.tokenizer, prompts, n_items)
+    has_spans = all(p.span is not None for p in prompts)
+    token_counts = concept_token_counts(model.tokenizer, prompts, n_items) if has_spans else None
+    options.setdefault("tokenizer", model.tokenizer)  # the surface baseline's token counts
     return analyse_activations(
         activations,
         concepts,
@@ -168,7 +194,7 @@ def representation_map(
         layers=layer_ids,
         model_name=model.name,
         n_layers=model.n_layers,
-        concept_set=concepts.name,
+        concept_set=concept_set or name,
         position=position,
         token_counts=token_counts,
         seed=seed,
@@ -177,6 +203,38 @@ def representation_map(
         progress=progress,
         **options,
     )
+
+
+def _plain_items(prompts, labels, spans, position: str, max_items: int | None):
+    """Plain prompts (one per item) as rendered prompts of template 0, and their labels."""
+    from medmap.concepts.schema import RenderedPrompt
+
+    n = len(prompts) if max_items is None else min(max_items, len(prompts))
+    if spans is not None and len(spans) != len(prompts):
+        raise MedmapError(f"representation: {len(spans)} spans for {len(prompts)} prompts")
+    if spans is None and position == "concept":
+        raise MedmapError(
+            "representation: position 'concept' needs spans with plain prompts",
+            hint="pass spans=[(start, end), ...] (the concept's characters) or position='last'",
+        )
+    if not isinstance(labels, Mapping):
+        raise MedmapError(
+            "representation: labels must be a mapping {name: values}",
+            hint="e.g. labels={'organ': ['heart', 'liver', 'lung']}",
+        )
+    kept = {}
+    for k, v in labels.items():
+        if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str):
+            kept[k] = (v[0], list(v[1])[:n])
+        else:
+            kept[k] = list(v)[:n]
+    rendered = [
+        RenderedPrompt(
+            str(i), i, 0, str(prompts[i]), None if spans is None else tuple(map(int, spans[i]))
+        )
+        for i in range(n)
+    ]
+    return kept, rendered, "custom"
 
 
 class RepresentationTechnique(Technique):

@@ -232,6 +232,30 @@ def categorical_scores(
     return out, per_item
 
 
+def probe_accuracy_score(
+    z: np.ndarray,
+    codes: np.ndarray,
+    *,
+    rng: np.random.Generator,
+    seed: int,
+    n_boot: int = 200,
+    n_perm_probe: int = 1,
+    metric: str = "probe_acc",
+) -> Score:
+    """The ``probe_acc`` of :func:`categorical_scores` alone (same probe, folds and seed).
+
+    ``z`` ``(n, k)`` features, ``codes`` ``(n,)`` integer classes (each class >= 2 items). Value:
+    fraction of correct out-of-fold predictions; CI: bootstrap over items (``n_boot`` draws from
+    ``rng``); baseline: mean accuracy over ``n_perm_probe`` permutations of ``codes``.
+    """
+    n = len(codes)
+    idx = boot_indices(n, n_boot, rng)
+    perms = permutations(codes, n_perm_probe, rng)
+    correct = (_cv_predict_class(z, codes, seed) == codes).astype(float)
+    base = np.mean([(_cv_predict_class(z, p, seed) == p).mean() for p in perms[:n_perm_probe]])
+    return Score(metric, *mean_ci(correct, idx), float(base), n, "probe")
+
+
 def ordinal_scores(
     z: np.ndarray,
     y: np.ndarray,

@@ -1,8 +1,19 @@
 """Weight-gradient saliency: which weights the loss of a medical fact is most sensitive to.
 
-Loss of item ``i``: the negative log-likelihood (nats, summed over target tokens) of
-``targets[i]`` appended to ``prompts[i]`` (see :mod:`medmap.model.targets`). One backward pass
-per item gives per-item gradients. Every parameter is assigned to a part of the model:
+Two objectives (``objective``), each a loss of item ``i`` in nats:
+
+* ``"nll"``: the negative log-likelihood (summed over target tokens) of ``targets[i]`` appended
+  to ``prompts[i]`` (see :mod:`medmap.model.targets`);
+* ``"margin"``: minus the forced-choice margin, ``-(log p(a | p) - max_j log p(d_j | p))`` with
+  ``a = targets[i]`` (the scored answer) and ``d_j`` the item's distractors, each a whole-answer
+  log-probability summed over its tokens (:func:`answer_logprobs`, the knows stage's margin,
+  :mod:`medmap.techniques.knowledge`). Its gradient flows into the answer and the best distractor
+  only (the max picks one). The NLL is about the answer's fluency as much as the fact; the
+  margin contrasts the fact with the other answers (pitfall 10 of the notes: a raw NLL profile
+  is generic). The sign of the loss does not matter for the metrics (all use ``|g|``).
+
+One backward pass per item gives per-item gradients. Every parameter is assigned to a part of
+the model:
 
 * ``embedding`` (layer 0): the token embedding (and e.g. GPT-2's position embedding);
 * per block ``b`` (layer ``b + 1``): ``attention``, ``mlp``, ``norm`` (or ``other``) by the
@@ -47,13 +58,12 @@ from medmap.analysis.results import make_rows
 from medmap.batching import free_memory, is_oom
 from medmap.errors import MedmapError
 from medmap.model.targets import encode_targets, prediction_index
-from medmap.progress import progress_bar
 from medmap.run.cells import CellCache, cell_key, model_identity
 from medmap.techniques.base import Cell, RunContext, Technique
-from medmap.techniques.capture import iter_batches
-from medmap.techniques.concept_io import concept_targets, select_items, set_name
+from medmap.techniques.concept_io import concept_targets, plain_or_concepts, set_name
 from medmap.techniques.saliency.gradstats import GradReducer
 from medmap.techniques.summary import mean_ci, relative_depth, specificity_row
+from medmap.techniques.sweep import sweep_cells
 
 if TYPE_CHECKING:  # pragma: no cover
     from medmap.model.loading import MedmapModel
@@ -162,12 +172,53 @@ def item_loss(model, prompt: str, target: str) -> torch.Tensor:
     return -logp.gather(1, toks.to(logp.device)[:, None]).sum()
 
 
-def _nonfinite_loss(model, prompt: str, target: str, i: int) -> None:
-    """Raise a one-line error for a NaN/inf loss, naming the first non-finite layer if any."""
+OBJECTIVES = ("nll", "margin")
+
+
+def answer_logprobs(model, prompt: str, answers: Sequence[str]) -> torch.Tensor:
+    """Whole-answer log-probabilities of ``answers`` after ``prompt`` (differentiable).
+
+    One right-padded forward pass of the ``len(answers)`` sequences ``prompt + answer``; each
+    answer's target tokens are found as in :func:`medmap.model.targets.encode_targets`.
+
+    Returns:
+        float32 tensor of shape ``(len(answers),)``: ``log p(answer | prompt)`` in nats, summed
+        over the answer's tokens (on the logits' device).
+    """
+    n = len(answers)
+    batch, spans = encode_targets(
+        model.tokenizer, [prompt] * n, list(answers), max_length=model.max_length
+    )
+    rows, cols, toks, item_of = prediction_index(spans)
+    logits = model.hf(**batch.model_inputs(model.input_device), use_cache=False).logits
+    dev = logits.device
+    logp = torch.log_softmax(logits[rows.to(dev), cols.to(dev)].float(), dim=-1)
+    tok_lp = logp.gather(1, toks.to(dev)[:, None])[:, 0]
+    return torch.zeros(n, dtype=tok_lp.dtype, device=dev).index_add(0, item_of.to(dev), tok_lp)
+
+
+def margin_loss(model, prompt: str, answer: str, distractors: Sequence[str]) -> torch.Tensor:
+    """Minus the forced-choice margin (nats, scalar, differentiable):
+    ``max_j log p(d_j | prompt) - log p(answer | prompt)`` (:func:`answer_logprobs`, one pass).
+
+    Negative when the answer beats every distractor (the fact is known). The gradient reaches
+    the answer's and the best distractor's log-probabilities only.
+    """
+    if not distractors:
+        raise MedmapError("the margin needs at least one distractor", hint="pass distractors")
+    lp = answer_logprobs(model, prompt, [answer, *distractors])
+    return lp[1:].max() - lp[0]
+
+
+def _nonfinite_loss(model, prompt: str, target: str | Sequence[str], i: int) -> None:
+    """Raise a one-line error for a NaN/inf loss, naming the first non-finite layer if any.
+
+    ``target``: the answer, or every answer whose sequence entered the loss."""
     from medmap.model.replay import record
 
-    batch, _ = encode_targets(model.tokenizer, [prompt], [target], max_length=model.max_length)
-    record(model, batch.model_inputs(model.input_device))  # raises naming the layer
+    for t in [target] if isinstance(target, str) else target:
+        batch, _ = encode_targets(model.tokenizer, [prompt], [t], max_length=model.max_length)
+        record(model, batch.model_inputs(model.input_device))  # raises naming the layer
     raise MedmapError(
         f"non-finite loss (NaN/inf) for item {i} after the last layer (final norm or unembedding)",
         hint="fp16 overflow is the usual cause: load the model with dtype=bfloat16 or float32",
@@ -184,14 +235,27 @@ def saliency_items(
     batch_size: int = 8,
     progress: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    distractors: Sequence[Sequence[str]] | None = None,
+    objective: str = "nll",
 ) -> pd.DataFrame:
     """Per-item saliency: one row per (item, layer, module) with the four metrics.
 
-    Columns: ``model, concept_set, n_layers, item, item_id, loss, layer, module, numel,
-    grad_abs_sum, grad_x_weight_sum`` and :data:`METRICS`. ``df.attrs`` holds
-    ``peak_grad_bytes`` (most gradient bytes alive at once during the computed items) and
-    ``total_grad_bytes`` (all parameters' gradients, what a plain ``backward`` keeps).
-    ``batch_size`` items form one resumable cell (gradients are always per item).
+    Args:
+        targets: per item, the answer whose loss is differentiated (the scored answer).
+        distractors: per item, its wrong answers; needed by ``objective="margin"`` (every item
+            at least one), ignored by ``"nll"``.
+        objective: ``"nll"`` (the target's NLL) or ``"margin"`` (minus its forced-choice margin
+            against the distractors), see the module docstring.
+
+    Columns: ``model, concept_set, n_layers, objective, item, item_id, loss, layer, module,
+    numel, grad_abs_sum, grad_x_weight_sum`` and :data:`METRICS`; ``loss`` (nats) is the
+    objective's loss: the NLL, or ``-margin``. ``df.attrs`` holds ``peak_grad_bytes`` (most
+    gradient bytes alive at once during the computed items) and ``total_grad_bytes`` (all
+    parameters' gradients, what a plain ``backward`` keeps). ``batch_size`` items form one
+    resumable cell of the shared sweep (:func:`medmap.techniques.sweep.sweep_cells`, one
+    pseudo-layer, no batch back-off: gradients are always per item, one backward pass each);
+    the margin's cells are keyed by the objective and the distractors too, the NLL's as before
+    the margin existed. The progress bar counts items and advances once per finished cell.
     """
     if len(prompts) == 0:
         raise MedmapError("no prompts given", hint="pass at least one prompt")
@@ -199,6 +263,7 @@ def saliency_items(
     if len(ids) != len(prompts):
         raise MedmapError(f"{len(ids)} item ids for {len(prompts)} prompts")
     encode_targets(model.tokenizer, prompts, targets, max_length=model.max_length)  # validate
+    dis = _check_distractors(model, prompts, ids, distractors, objective)
     pg = param_groups(model)
     gidx = {g: j for j, g in enumerate(pg.groups)}
     member = np.array([gidx[g] for g in pg.group_of])
@@ -212,58 +277,56 @@ def saliency_items(
     )
     cache = CellCache(cache_dir, "saliency")
     ident = model_identity(model)
-    chunks = list(iter_batches(len(prompts), batch_size))
-    frames = []
     flags = {n: p.requires_grad for n, p in model.hf.named_parameters(remove_duplicate=False)}
-    reducer = None
+    state: dict[str, GradReducer] = {}  # the reducer, made when the first cell is computed
+
+    def key_of(sl: slice, _layer: int) -> str:
+        margin = {} if dis is None else {"objective": objective, "distractors": dis[sl]}
+        return cell_key(
+            technique="saliency",
+            model=ident,
+            concept_set=concept_set,
+            prompts=list(prompts[sl]),
+            targets=list(targets[sl]),
+            ids=ids[sl],
+            **margin,  # nll cells keyed as before the margin existed (resumable)
+        )
+
+    def compute(sl: slice, _layers: list[int], emit) -> None:
+        if "reducer" not in state:  # requires_grad only once a cell is really computed
+            for p in pg.params:
+                p.grad = None
+                p.requires_grad_(True)
+            state["reducer"] = GradReducer(pg.params, model.hf, pg.aliases, splits=pg.splits)
+        reducer = state["reducer"]
+        parts = []
+        for i in range(sl.start, sl.stop):  # one backward pass per item
+            loss = _item_backward(
+                model, prompts[i], targets[i], i, reducer, None if dis is None else dis[i]
+            )
+            sg, sgw = reducer.take()
+            parts.append(
+                _item_frame(
+                    i, ids[i], float(loss.detach().cpu()), sg, sgw, member, g_numel, block_of,
+                    pg.groups, numel, _moe_rows(pg, sg, sgw, reducer.slices, numel),
+                )
+            )  # fmt: skip
+        df = pd.concat(parts, ignore_index=True)
+        df.insert(0, "n_layers", model.n_layers)
+        df.insert(0, "concept_set", concept_set)
+        df.insert(0, "model", model.name)
+        emit(_CELL_LAYER, df)
+
     peak = 0
     try:
-        with progress_bar("saliency", total=len(prompts), enabled=progress) as advance:
-            for sl in chunks:
-                key = cell_key(
-                    technique="saliency",
-                    model=ident,
-                    concept_set=concept_set,
-                    prompts=list(prompts[sl]),
-                    targets=list(targets[sl]),
-                    ids=ids[sl],
-                )
-                df = cache.get(key)
-                if df is None:
-                    if reducer is None:
-                        for p in pg.params:
-                            p.grad = None
-                            p.requires_grad_(True)
-                        reducer = GradReducer(pg.params, model.hf, pg.aliases, splits=pg.splits)
-                    parts = []
-                    for i in range(sl.start, sl.stop):
-                        loss = _item_backward(model, prompts[i], targets[i], i, reducer)
-                        sg, sgw = reducer.take()
-                        parts.append(
-                            _item_frame(
-                                i,
-                                ids[i],
-                                float(loss.detach().cpu()),
-                                sg,
-                                sgw,
-                                member,
-                                g_numel,
-                                block_of,
-                                pg.groups,
-                                numel,
-                                _moe_rows(pg, sg, sgw, reducer.slices, numel),
-                            )
-                        )
-                        advance(1)
-                    df = pd.concat(parts, ignore_index=True)
-                    df.insert(0, "n_layers", model.n_layers)
-                    df.insert(0, "concept_set", concept_set)
-                    df.insert(0, "model", model.name)
-                    df = cache.put(key, df)
-                else:
-                    advance(sl.stop - sl.start)
-                frames.append(df)
+        # a cell = one chunk of ``batch_size`` items at one pseudo-layer; no batch back-off
+        # (items are one per pass already, a smaller chunk frees no memory)
+        cells = sweep_cells(
+            len(prompts), batch_size, [_CELL_LAYER], key_of, compute, cache,
+            description="saliency", progress=progress, backoff=False, count="items",
+        )  # fmt: skip
     finally:
+        reducer = state.get("reducer")
         if reducer is not None:
             peak = reducer.peak
             reducer.remove()
@@ -271,23 +334,83 @@ def saliency_items(
             for n, p in model.hf.named_parameters(remove_duplicate=False):
                 p.grad = None
                 p.requires_grad_(flags.get(n, False))
+    frames = [_with_objective(df, objective) for df in cells]
     out = pd.concat(frames, ignore_index=True)
     out.attrs["peak_grad_bytes"] = int(peak)
     out.attrs["total_grad_bytes"] = int(sum(p.numel() * p.element_size() for p in pg.params))
     return out
 
 
-def _item_backward(model, prompt: str, target: str, i: int, reducer: GradReducer) -> torch.Tensor:
-    """Loss of item ``i`` and its backward pass (gradients go to ``reducer``).
+_CELL_LAYER = 0  # saliency cells have no layer dimension: one pseudo-layer for sweep_cells
+
+
+def _check_distractors(model, prompts, ids, distractors, objective) -> list[list[str]] | None:
+    """The margin's distractors as lists (validated), or ``None`` for the NLL objective."""
+    if objective not in OBJECTIVES:
+        raise MedmapError(
+            f"unknown saliency objective {objective!r}", hint=f"use one of {', '.join(OBJECTIVES)}"
+        )
+    if objective == "nll":
+        return None
+    if distractors is None:
+        raise MedmapError(
+            "saliency objective 'margin' needs distractors",
+            hint="pass distractors=[[wrong answers of item 0], ...], or use objective='nll'",
+        )
+    if isinstance(distractors, str) or len(distractors) != len(prompts):
+        raise MedmapError(f"{len(distractors)} distractor lists for {len(prompts)} prompts")
+    dis = []
+    for i, d in enumerate(distractors):
+        if isinstance(d, str):
+            raise MedmapError(
+                f"the distractors of saliency item {ids[i]!r} are a string, not a list",
+                hint=f"pass a list of wrong answers, e.g. [{d!r}]",
+            )
+        if not d:
+            raise MedmapError(
+                f"saliency item {ids[i]!r} has no distractors for the margin objective",
+                hint="give every item at least one wrong answer (a list), or leave the items "
+                "without any out of the margin run",
+            )
+        dis.append([str(x) for x in d])
+        encode_targets(  # validate (empty or too long answers)
+            model.tokenizer, [prompts[i]] * len(d), dis[-1], max_length=model.max_length
+        )
+    return dis
+
+
+def _with_objective(df: pd.DataFrame, objective: str) -> pd.DataFrame:
+    """``df`` with the ``objective`` column after ``n_layers`` (cells are stored without it, so
+    NLL cells written before the margin existed resume as they are)."""
+    if "objective" not in df.columns:
+        df = df.copy()
+        df.insert(int(df.columns.get_loc("n_layers")) + 1, "objective", objective)
+    return df
+
+
+def _item_backward(
+    model,
+    prompt: str,
+    target: str,
+    i: int,
+    reducer: GradReducer,
+    distractors: Sequence[str] | None = None,
+) -> torch.Tensor:
+    """Loss of item ``i`` and its backward pass (gradients go to ``reducer``): the NLL of
+    ``target``, or with ``distractors`` minus its margin (:func:`margin_loss`).
 
     Items are always one per pass (per-item gradients), so there is no batch to shrink: out of
     memory becomes a one-line error naming the item.
     """
+    answers = [target, *(distractors or ())]
     try:
         with torch.enable_grad():
-            loss = item_loss(model, prompt, target)
+            if distractors is None:
+                loss = item_loss(model, prompt, target)
+            else:
+                loss = margin_loss(model, prompt, target, distractors)
             if not bool(torch.isfinite(loss)):
-                _nonfinite_loss(model, prompt, target, i)
+                _nonfinite_loss(model, prompt, answers, i)
             loss.backward()
         return loss.detach()
     except Exception as e:
@@ -298,7 +421,7 @@ def _item_backward(model, prompt: str, target: str, i: int, reducer: GradReducer
     free_memory()
     raise MedmapError(
         f"out of memory ({kind}) in the backward pass of saliency item {i} "
-        f"({len(prompt) + len(target)} characters)",
+        f"({len(answers)} sequences, {sum(len(prompt) + len(a) for a in answers)} characters)",
         hint="saliency keeps one item's activations and the weights: load the model in bfloat16 "
         "(--dtype bfloat16), shard it over devices (--device-map auto) or use shorter prompts",
     )
@@ -378,13 +501,16 @@ def _item_frame(i, item_id, loss, sg, sgw, member, g_numel, block_of, groups, nu
 def saliency_summary(df: pd.DataFrame, *, n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
     """Tidy rows from :func:`saliency_items`: mean over items with a bootstrap CI per part.
 
-    Technique ``saliency``; metrics :data:`METRICS`; extra column ``module``; ``layer`` = block
-    index + 1 for block parts, 0 for the embedding, -1 for final norm / unembedding / other
-    (their ``relative_depth`` is NaN).
+    Technique ``saliency``; metrics :data:`METRICS`; extra columns ``module`` and ``objective``
+    (``"nll"`` or ``"margin"``: never pooled; a frame without the column is NLL, as before the
+    margin existed); ``layer`` = block index + 1 for block parts, 0 for the embedding, -1 for
+    final norm / unembedding / other (their ``relative_depth`` is NaN).
     """
+    if "objective" not in df.columns:
+        df = df.assign(objective="nll")
     rows = []
-    for (model, cset, n_layers, layer, module), g in df.groupby(
-        ["model", "concept_set", "n_layers", "layer", "module"], sort=False
+    for (model, cset, n_layers, objective, layer, module), g in df.groupby(
+        ["model", "concept_set", "n_layers", "objective", "layer", "module"], sort=False
     ):
         for metric in METRICS:
             est, lo, hi, cnt = mean_ci(g[metric].to_numpy(), n_boot=n_boot, seed=seed)
@@ -402,6 +528,7 @@ def saliency_summary(df: pd.DataFrame, *, n_boot: int = 200, seed: int = 0) -> p
                     "n": cnt,
                     "seed": seed,
                     "module": module,
+                    "objective": objective,
                 }
             )
     return make_rows(rows)
@@ -418,11 +545,14 @@ def weight_saliency(
     seed: int = 0,
     progress: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    distractors: Sequence[Sequence[str]] | None = None,
+    objective: str = "nll",
 ) -> pd.DataFrame:
     """Weight-gradient saliency of the target completions as tidy rows (see module docstring).
 
-    Per-item values come from :func:`saliency_items`; this aggregates them with
-    :func:`saliency_summary` (mean over items, percentile-bootstrap CI, ``n_boot`` resamples).
+    Per-item values come from :func:`saliency_items` (``objective``, ``distractors``: see
+    there); this aggregates them with :func:`saliency_summary` (mean over items,
+    percentile-bootstrap CI, ``n_boot`` resamples).
     """
     items = saliency_items(
         model,
@@ -432,6 +562,8 @@ def weight_saliency(
         batch_size=batch_size,
         progress=progress,
         cache_dir=cache_dir,
+        distractors=distractors,
+        objective=objective,
     )
     out = saliency_summary(items, n_boot=n_boot, seed=seed)
     out.attrs.update(items.attrs)
@@ -447,12 +579,17 @@ def saliency_specificity(
     kind: str = "difference",
     n_boot: int = 200,
     seed: int = 0,
+    objective: str | None = None,
 ) -> pd.DataFrame:
     """Medical minus control saliency per layer, from two :func:`saliency_items` frames.
 
     Metric ``specificity_<metric>`` (label = ``kind``, concept_set ``<medical>-vs-<control>``),
     two-sample bootstrap CI over items. ``kind="ratio"`` gives medical / control instead.
+    ``objective``: the rows compared (``"nll"`` / ``"margin"``); ``None`` needs frames of one
+    objective each (a frame without the column is NLL), never pooled.
     """
+    medical = _one_objective(medical, objective)
+    control = _one_objective(control, objective)
     m = medical[medical["module"] == module]
     c = control[control["module"] == module]
     rows = []
@@ -469,10 +606,27 @@ def saliency_specificity(
     return make_rows(rows)
 
 
+def _one_objective(df: pd.DataFrame, objective: str | None) -> pd.DataFrame:
+    col = df["objective"] if "objective" in df.columns else pd.Series("nll", index=df.index)
+    if objective is None:
+        seen = sorted(set(col))
+        if len(seen) > 1:
+            raise MedmapError(
+                f"saliency rows of several objectives ({', '.join(seen)}) would be pooled",
+                hint="pass objective='nll' or objective='margin'",
+            )
+        return df
+    return df[col == objective]
+
+
 def weight_saliency_concepts(
     model: MedmapModel,
-    cs,
+    cs=None,
     *,
+    prompts: Sequence[str] | None = None,
+    targets: Sequence[str] | None = None,
+    item_ids: Sequence[str] | None = None,
+    concept_set: str | None = None,
     max_items: int | None = None,
     batch_size: int = 8,
     n_boot: int = 200,
@@ -480,44 +634,107 @@ def weight_saliency_concepts(
     progress: bool = False,
     cache_dir: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
-    """:func:`weight_saliency` over a concept set's targets (first accepted answer)."""
-    ct = concept_targets(select_items(cs, max_items, seed))  # stratified, as everywhere
+    """:func:`weight_saliency` (NLL objective) over a concept set's targets or plain strings.
+
+    Args:
+        cs: a concept set (a :class:`~medmap.concepts.ConceptSet`, a bundled name or a
+            ``.yaml``/``.csv`` path): every target, scored with its first accepted answer;
+            ``max_items`` takes a stratified, seeded subset (``ConceptSet.subset``).
+        prompts / targets: instead of ``cs``, the plain strings :func:`saliency_items` takes
+            (item ``i``: the NLL of ``targets[i]`` after ``prompts[i]``); ``max_items`` keeps
+            the first items; ``item_ids`` label them (default: the index).
+        concept_set: the ``concept_set`` column (default: the set's name, or ``"custom"``).
+        batch_size, progress, cache_dir: as in :func:`saliency_items`; ``n_boot`` / ``seed``:
+            the CIs (and the subset).
+
+    Returns:
+        :func:`saliency_summary` rows (the :mod:`medmap.analysis.results` columns plus
+        ``module`` and ``objective``), the same shape for a concept set and for plain strings;
+        ``attrs`` as :func:`saliency_items`.
+    """
+    ct, name = plain_or_concepts(
+        cs, prompts=prompts, targets=targets, item_ids=item_ids, concept_set=concept_set,
+        max_items=max_items, seed=seed, technique="saliency",
+    )  # fmt: skip
     items = saliency_items(
         model,
         ct.prompts,
         ct.targets,
-        concept_set=set_name(cs),
+        concept_set=name,
         item_ids=ct.ids,
         batch_size=batch_size,
         progress=progress,
         cache_dir=cache_dir,
     )
-    return saliency_summary(items, n_boot=n_boot, seed=seed)
+    out = saliency_summary(items, n_boot=n_boot, seed=seed)
+    out.attrs.update(items.attrs)
+    return out
 
 
 class SaliencyTechnique(Technique):
     """Weight saliency through the technique interface (:mod:`medmap.techniques.base`).
 
-    ``saliency_items`` keeps the first items of the (stratified ``max_items``) set: gradients
-    cost one backward pass per item."""
+    The set is :meth:`RunContext.causal_set` (known targets only with ``known_only``);
+    ``saliency_items`` keeps its first items (gradients cost one backward pass per item). Each
+    target is scored with the knows stage's best accepted answer (:meth:`RunContext.choices`),
+    once per objective of ``saliency_objectives``: ``"nll"`` its NLL, ``"margin"`` minus its
+    margin against the same distractors as the knows stage (targets without distractors are
+    left out of the margin; a set where none has any gets NLL rows only, with a note).
+    """
 
     name = "saliency"
     title = "saliency runs"
     map_rows = ("saliency",)
 
     def run_cell(self, model: MedmapModel, cell: Cell, ctx: RunContext) -> pd.DataFrame:
+        from medmap.analysis.results import COLUMNS
+
         cfg = ctx.config
-        cs = ctx.trim_targets(ctx.load_set(cell.concept_set, self))
+        cs = ctx.causal_set(cell.concept_set, self)
+        if cs is None:  # too few known facts: the knows rows say so
+            return pd.DataFrame(columns=COLUMNS)
         ct = concept_targets(cs, cfg.saliency_items)
-        items = saliency_items(
-            model,
-            ct.prompts,
-            ct.targets,
+        choices = ctx.choices(cell.concept_set)
+        picked = [choices[i] for i in ct.ids]
+        answers = [c.accepted[0] for c in picked]
+        common = dict(
             concept_set=set_name(cs),
-            item_ids=ct.ids,
             batch_size=cfg.batch_size,
             progress=ctx.progress,
             cache_dir=ctx.run.cells_dir(self.name, cell.key),
         )
+        frames = []
+        for objective in cfg.saliency_objectives:
+            if objective == "nll":
+                frames.append(saliency_items(model, ct.prompts, answers, item_ids=ct.ids, **common))
+                continue
+            keep = [k for k, c in enumerate(picked) if c.distractors]
+            if not keep:
+                ctx.note(f"saliency margin skipped for {cs.name}: no target has distractors")
+                continue
+            frames.append(
+                saliency_items(
+                    model,
+                    [ct.prompts[k] for k in keep],
+                    [answers[k] for k in keep],
+                    item_ids=[ct.ids[k] for k in keep],
+                    distractors=[picked[k].distractors for k in keep],
+                    objective="margin",
+                    **common,
+                )
+            )
+        if not frames:
+            return pd.DataFrame(columns=COLUMNS)
+        items = pd.concat(frames, ignore_index=True)
         ctx.keep_items(self.name, cell, items)
-        return saliency_summary(items, n_boot=cfg.n_boot, seed=cfg.seed)
+        from medmap.techniques.summary import split_half_rows
+
+        blocks = items[items["module"] == "block"]
+        stab = split_half_rows(
+            blocks, value="grad_x_weight_share", map_name="saliency", by=("objective",),
+            seed=cfg.seed,
+        )  # fmt: skip
+        return pd.concat(
+            [saliency_summary(items, n_boot=cfg.n_boot, seed=cfg.seed), make_rows(stab)],
+            ignore_index=True,
+        )
