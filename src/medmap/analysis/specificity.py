@@ -195,6 +195,24 @@ def specificity_map(
     )
 
 
+def specificity_matrix(spec: pd.DataFrame, map_name: str, model: str) -> pd.DataFrame:
+    """``(rows, depths)`` matrix of ``normalised`` values of one map of one model: index
+    ``"<medical> − <control>"`` (in table order), columns relative depth (ascending); NaN =
+    blank. Empty when the map has no row."""
+    g = (
+        spec[(spec["model"].astype(str) == model) & (spec["map"] == map_name)]
+        if len(spec)
+        else spec
+    )
+    if g.empty:
+        return pd.DataFrame()
+    rows = [f"{a} − {b}" for a, b in zip(g["concept_set"], g["control_set"])]
+    m = g.assign(row=rows).pivot_table(
+        index="row", columns="relative_depth", values="normalised", aggfunc="mean", dropna=False
+    )
+    return m.reindex(list(dict.fromkeys(rows))).sort_index(axis=1)
+
+
 def specificity_summary(spec: pd.DataFrame) -> pd.DataFrame:
     """Per (model, map, medical set): the layers where the medical set's effect significantly
     exceeds its control's (``positive_layers``), the peak of that excess and the number of

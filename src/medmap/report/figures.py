@@ -96,19 +96,13 @@ def map_figure(kmap: KnowledgeMap, model: str, map_name: str, out_dir: Path) -> 
 def specificity_figure(spec: pd.DataFrame, model: str, out_dir: Path) -> list[Path]:
     """One panel per map of the specificity map (medical − matched control, normalised to
     [−1, 1], blank where the CI contains 0): ``specificity_map.png``."""
-    s = spec[spec["model"].astype(str) == model] if len(spec) else spec
-    maps = [m for m in ("representation", "saliency", "lesion", "patching", "emergence", "combined")
-            if (s["map"] == m).any()] if len(s) else []  # fmt: skip
-    if not maps:
+    from medmap.analysis.specificity import specificity_matrix
+
+    names = ("representation", "saliency", "lesion", "patching", "emergence", "combined")
+    mats = [(m, specificity_matrix(spec, m, model)) for m in names]
+    mats = [(m, x) for m, x in mats if not x.empty]
+    if not mats:
         return []
-    mats = []
-    for m in maps:
-        g = s[s["map"] == m]
-        rows = [f"{a} − {b}" for a, b in zip(g["concept_set"], g["control_set"])]
-        mat = g.assign(row=rows).pivot_table(
-            index="row", columns="relative_depth", values="normalised", aggfunc="mean", dropna=False
-        )
-        mats.append((m, mat.reindex(list(dict.fromkeys(rows))).sort_index(axis=1)))
     with plt.rc_context(RC):
         h = sum(0.55 + 0.17 * len(x) for _, x in mats)
         fig, axes = plt.subplots(len(mats), 1, figsize=(WIDTH, 0.6 + h), layout="constrained",

@@ -249,15 +249,12 @@ def specificity_section(page: Page, spec: pd.DataFrame, model: str) -> None:
     if s.empty:
         parts.append(missing("Needs medical and control concept sets with CIs."))
         return
+    from medmap.analysis.specificity import specificity_matrix
+
     for name in TECHNIQUE_TITLES:
-        g = s[s["map"] == name]
-        if g.empty:
+        m = specificity_matrix(s, name, model)
+        if m.empty:
             continue
-        rows = [f"{a} − {b}" for a, b in zip(g["concept_set"], g["control_set"])]
-        m = g.assign(row=rows).pivot_table(
-            index="row", columns="relative_depth", values="normalised", aggfunc="mean", dropna=False
-        )
-        m = m.reindex(list(dict.fromkeys(rows))).sort_index(axis=1)
         lo = 0.0 if name == "combined" else -1.0
         page.figure(
             heatmap(m, f"{TECHNIQUE_TITLES[name]}: specific effect", zmin=lo, zmax=1.0,

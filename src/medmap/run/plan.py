@@ -361,6 +361,18 @@ def _tokens(texts_chars: list[int], chars_per_token: float) -> float:
     return sum(math.ceil(c / chars_per_token) + 1 for c in texts_chars) / len(texts_chars)
 
 
+def _trimmed_targets(cs, max_targets: int | None) -> list:
+    """The rendered targets of ``cs`` with at most ``max_targets`` per item (the runner's
+    ``RunContext.trim_targets``)."""
+    per_item: dict[int, int] = {}
+    rows = []
+    for t in cs.targets():
+        per_item[t.item_index] = per_item.get(t.item_index, 0) + 1
+        if max_targets is None or per_item[t.item_index] <= max_targets:
+            rows.append(t)
+    return rows
+
+
 def run_work(cfg: Any, chars_per_token: float) -> dict[str, StageWork]:
     """Per technique of ``cfg`` (a :class:`medmap.run.config.RunConfig`), its :class:`StageWork`,
     following the runner's subsets (``max_items``, ``umap_max_items``, ``max_templates``,
@@ -391,25 +403,15 @@ def run_work(cfg: Any, chars_per_token: float) -> dict[str, StageWork]:
                 counts.append(len(prompts))
                 chars += [len(p.text) for p in prompts]
             elif tech in ("knows", "logit_lens"):  # every candidate answer is a sequence
-                per_item = {}
                 src = loaded[name] if tech == "knows" else cs
                 if tech == "knows" and cfg.knows_max_items and len(src.items) > cfg.knows_max_items:
                     src = src.subset(cfg.knows_max_items, seed=cfg.seed)
-                for t in src.targets():
-                    per_item[t.item_index] = per_item.get(t.item_index, 0) + 1
-                    if cfg.max_targets is not None and per_item[t.item_index] > cfg.max_targets:
-                        continue
+                for t in _trimmed_targets(src, cfg.max_targets):
                     n_cand = len(t.answers) + cfg.knows_distractors + 1  # + moved answers
                     counts.append(n_cand)
                     chars += [len(t.prompt) + len(t.answers[0])] * n_cand
-                continue
             elif tech in ("lesion", "saliency"):
-                per_item: dict[int, int] = {}
-                rows = []
-                for t in cs.targets():
-                    per_item[t.item_index] = per_item.get(t.item_index, 0) + 1
-                    if cfg.max_targets is None or per_item[t.item_index] <= cfg.max_targets:
-                        rows.append(t)
+                rows = _trimmed_targets(cs, cfg.max_targets)
                 if tech == "saliency" and cfg.saliency_items is not None:
                     keep = set(sorted({t.item_index for t in rows})[: cfg.saliency_items])
                     rows = [t for t in rows if t.item_index in keep]

@@ -432,14 +432,20 @@ def knows(
     return pd.DataFrame(rows)
 
 
+def _scored(df: pd.DataFrame) -> pd.DataFrame:
+    """The targets of :func:`knows` output that have a distractor, ``control_known`` as float
+    (NaN for a target without a moved-answer control: no item with disjoint answers, no null)."""
+    d = df[df["n_candidates"] > df["n_accepted"]].copy()
+    d["control_known"] = d["control_known"].astype(float).where(d["control_n_candidates"] > 0)
+    return d
+
+
 def known_fraction(df: pd.DataFrame) -> pd.DataFrame:
     """Per (model, concept set) from :func:`knows` output: ``known`` (fraction, summed
     log-probability), ``known_norm`` (per token), ``chance`` (mean chance level),
     ``control`` (moved-answer fraction known), ``control_chance`` and ``n`` (scored targets:
     those with at least one distractor)."""
-    d = df[df["n_candidates"] > df["n_accepted"]].copy()
-    # a target without a moved-answer control (no item with disjoint answers) has no null
-    d["control_known"] = d["control_known"].astype(float).where(d["control_n_candidates"] > 0)
+    d = _scored(df)
     g = d.groupby(["model", "concept_set"], sort=True)
     out = g.agg(
         known=("known", "mean"),
@@ -477,8 +483,7 @@ def knows_summary(
     from medmap.techniques.summary import mean_ci
 
     rows = []
-    d = df[df["n_candidates"] > df["n_accepted"]].copy()
-    d["control_known"] = d["control_known"].astype(float).where(d["control_n_candidates"] > 0)
+    d = _scored(df)
     for (model, cset), g in d.groupby(["model", "concept_set"], sort=True):
         base = dict(model=model, layer=-1, concept_set=cset, technique="knows", seed=seed)
         for metric, col, chance in (
