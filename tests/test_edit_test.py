@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -81,6 +83,17 @@ def test_edit_test_runs_end_to_end_and_is_deterministic(tmp_path):
     cells[0].unlink()
     t3, _ = edit_test(m, CFG, tmp_path / "a")
     pd.testing.assert_frame_equal(table, t3)
+    # fewer seeds and draws in the same directory reuse the finished edits (not recomputed)
+    import medmap.experiments.edit_test as et
+
+    real_unlearn = et.unlearn
+    et.unlearn = lambda *a, **k: pytest.fail("a finished edit was recomputed")
+    try:
+        t4, _ = edit_test(m, replace(CFG, seeds=1, draws=1), tmp_path / "a")
+    finally:
+        et.unlearn = real_unlearn
+    want = table[(table["seed"] == table["seed"].min()) & (table["draw"] == 0)]
+    pd.testing.assert_frame_equal(t4, want.reset_index(drop=True))
     from medmap.experiments.report import edit_test_section
 
     html = edit_test_section(tmp_path / "a", write=True)

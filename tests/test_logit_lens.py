@@ -103,21 +103,110 @@ def test_logit_lens_rows_on_a_concept_set():
     assert acc.value.iloc[-1] == pytest.approx(np.mean(right))
 
 
-def test_logit_lens_technique_cell():
+def test_logit_lens_technique_cell(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
+    import medmap.techniques.logit_lens as ll
     from medmap.concepts import load_concepts
     from medmap.techniques.base import Cell, Technique
     from medmap.techniques.logit_lens import LogitLensTechnique
 
     tech = LogitLensTechnique()
     assert isinstance(tech, Technique) and tech.name == "logit_lens"
-    cfg = SimpleNamespace(n_boot=20, seed=0, batch_size=8, max_items=4)
+    cfg = SimpleNamespace(n_boot=20, seed=0, batch_size=8, max_items=4, knows_distractors=4)
     ctx = SimpleNamespace(
         config=cfg,
         load_set=lambda spec, t: load_concepts(spec).subset(4, seed=0),
         trim_targets=lambda cs: cs,
+        run=SimpleNamespace(cells_dir=lambda tech, cell: tmp_path / tech / cell),
     )
-    t = tech.run_cell(make_tiny("llama", n_layers=2), Cell("logit_lens", "drugs", "drugs"), ctx)
+    model = make_tiny("llama", n_layers=2)
+    t = tech.run_cell(model, Cell("logit_lens", "drugs", "drugs"), ctx)
     assert set(t.metric) == {"lens_accuracy", "lens_margin", "emergence_layer", "emergence_depth"}
     assert (t.technique == "logit_lens").all()
+    assert set(t.lens) == {"logit", "tuned"}
+    cache = tmp_path / "logit_lens" / "tuned_lens" / "translators.safetensors"
+    assert cache.exists()
+    # a later cell reads the run's translators instead of fitting them again
+    monkeypatch.setattr(ll, "fit_tuned_lens", lambda *a, **k: pytest.fail("refitted"))
+    again = tech.run_cell(model, Cell("logit_lens", "drugs", "drugs"), ctx)
+    assert again["value"].equals(t["value"])
+
+
+def _final_resid(model, ids):
+    """The last block's output (the final norm's input) by a plain forward pre-hook, and the
+    HF hidden states (entries 0..L-1 are the residual stream)."""
+    got = {}
+    h = model.hf.model.norm.register_forward_pre_hook(lambda m, a: got.update(x=a[0].detach()))
+    try:
+        with torch.no_grad():
+            out = model.hf(input_ids=ids, output_hidden_states=True)
+    finally:
+        h.remove()
+    return out.hidden_states, got["x"]
+
+
+def test_tuned_lens_is_the_least_squares_translator():
+    """Planted answer: the translators equal ordinary least squares of the last block's output
+    on [h_l, 1] over every token but the first, computed from plain HF hidden states."""
+    from medmap.techniques.lesioning import neutral_sentences
+    from medmap.techniques.logit_lens import fit_tuned_lens
+
+    model = make_tiny("llama", n_layers=3)
+    texts = neutral_sentences(60)
+    a = fit_tuned_lens(model, texts, ridge=0.0, batch_size=7)
+    n, d = model.n_layers, model.d_model
+    assert a.shape == (n, d + 1, d)
+    xs = [[] for _ in range(n)]
+    ys = []
+    for text in texts:
+        ids = model.tokenizer(text, return_tensors="pt")["input_ids"]
+        hs, final = _final_resid(model, ids)
+        ys.append(final[0, 1:].double())
+        for layer in range(n):
+            xs[layer].append(hs[layer][0, 1:].double())
+    y = torch.cat(ys).numpy()
+    assert len(y) > 2 * (d + 1)  # an over-determined fit
+    for layer in range(n):
+        x = torch.cat(xs[layer]).numpy()
+        x1 = np.hstack([x, np.ones((len(x), 1))])
+        want = np.linalg.lstsq(x1, y, rcond=None)[0]
+        np.testing.assert_allclose(a[layer].numpy(), want, rtol=1e-3, atol=1e-3)
+        if layer == 0:
+            continue
+        # it predicts the last block's output better than the identity (the logit lens)
+        pred = x1 @ want
+        assert ((pred - y) ** 2).sum() < ((x - y) ** 2).sum()
+
+
+def test_tuned_lens_rows_beside_the_logit_lens():
+    from medmap.techniques.logit_lens import fit_tuned_lens
+
+    model = make_tiny("llama", n_layers=2)
+    a = fit_tuned_lens(model)
+    both = logit_lens(model, "drugs", max_items=5, max_targets=1, n_boot=50, translators=a)
+    plain = logit_lens(model, "drugs", max_items=5, max_targets=1, n_boot=50)
+    logit = both[both.lens == "logit"].reset_index(drop=True)
+    np.testing.assert_allclose(logit["value"], plain["value"])  # unchanged by the tuned lens
+    tuned = both[both.lens == "tuned"].set_index(["metric", "layer"])["value"]
+    lg = logit.set_index(["metric", "layer"])["value"]
+    assert tuned[("lens_accuracy", 2)] == lg[("lens_accuracy", 2)]  # the model's own output
+    assert tuned[("lens_margin", 0)] != lg[("lens_margin", 0)]  # earlier layers: translated
+    # the emergence map reads the logit lens only
+    from medmap.analysis.maps import emergence_rows
+
+    em = emergence_rows(both)
+    assert len(em) == len(logit[logit.metric == "lens_accuracy"])
+
+
+def test_report_shows_both_lenses():
+    from medmap.report.html import emergence_html
+    from medmap.techniques.logit_lens import fit_tuned_lens
+
+    model = make_tiny("llama", n_layers=2)
+    t = logit_lens(model, "drugs", max_items=5, max_targets=1, n_boot=20,
+                   translators=fit_tuned_lens(model, batch_size=32))  # fmt: skip
+    html = emergence_html(t)
+    assert "logit lens: emergence depth" in html and "tuned lens: emergence depth" in html
+    assert "<td>drugs</td>" in html
+    assert emergence_html(t[t.technique != "logit_lens"]) == ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from medmap.analysis.results import make_rows
 from medmap.techniques.summary import split_half_rows
@@ -86,3 +87,53 @@ def test_seed_agreement_between_two_runs_of_one_model():
     assert not ok.loc[("lesion", "drugs", ""), "unstable"]
     assert bad.loc[("lesion", "drugs", ""), "agreement"] < 0.5
     assert bad.loc[("lesion", "drugs", ""), "unstable"]
+
+
+def _planted_probe_table(seed=0) -> pd.DataFrame:
+    """Two labels over 6 layers and 4 templates: ``cls`` is encoded more strongly with depth
+    (the same in every template); ``noise`` is a random label (its probe profile is template
+    noise only)."""
+    from medmap.techniques.representation.api import representation_scores
+
+    rng = np.random.default_rng(seed)
+    n, t, d = 40, 4, 12
+    cls = np.arange(n) % 2
+    noise = rng.permutation(cls)
+    item = rng.normal(size=(n, d))
+    direction = np.eye(d)[0]
+    signal = [0.0, 0.2, 0.5, 1.0, 1.6, 2.4]
+    layers = [item + s * np.outer(2 * cls - 1, direction) for s in signal]
+    acts = np.stack(
+        [np.stack(layers, 1) + 0.8 * rng.normal(size=(n, len(signal), d)) for _ in range(t)]
+    ).reshape(t * n, len(signal), d)
+    return representation_scores(
+        acts.astype(np.float32),
+        {"cls": [str(c) for c in cls], "noise": [str(c) for c in noise]},
+        item_index=np.tile(np.arange(n), t),
+        template_index=np.repeat(np.arange(t), n),
+        n_boot=20,
+        model_name="m",
+        n_layers=len(signal) - 1,
+        concept_set="drugs",
+        seed=seed,
+    )
+
+
+def test_representation_rows_get_their_probe_split_half():
+    """Planted: a label encoded more strongly with depth gives a reliable probe profile across
+    template halves; a random label does not; the map summary carries it."""
+    from medmap.analysis.maps import knowledge_map
+
+    rels = []
+    for seed in range(3):
+        tab = _planted_probe_table(seed)
+        st = tab[(tab["technique"] == "stability") & (tab["metric"] == "probe_acc_split_half")]
+        rels.append(st.set_index("label")["value"])
+    assert min(r["cls"] for r in rels) > 0.8, rels
+    assert np.mean([r["noise"] for r in rels]) < 0.3, rels
+    assert all(0.0 <= r["noise"] <= 1.0 for r in rels)  # a negative r counts as no reliability
+    rel = rels[-1]
+    km = knowledge_map(tab, n_layers={"m": 5})
+    s = km.summary[km.summary["map"] == "representation"].set_index("label")
+    assert s.loc["cls", "reliability"] == pytest.approx(rel["cls"])
+    assert s.loc["cls", "unstable"] == 0.0 and s.loc["noise", "unstable"] == 1.0

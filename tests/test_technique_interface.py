@@ -18,6 +18,7 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -244,7 +245,12 @@ def test_technique_cells_equal_the_direct_function_calls(tiny_run):
 
     ct = concept_targets(cs, cfg.saliency_items)
     answers = [choices[ct.ids.index(i)].accepted[0] for i in ct.ids]
-    items = saliency_items(model, ct.prompts, answers, concept_set=cs.name, item_ids=ct.ids)
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the run's process (OMP_NUM_THREADS=1): the same float sums
+    try:
+        items = saliency_items(model, ct.prompts, answers, concept_set=cs.name, item_ids=ct.ids)
+    finally:
+        torch.set_num_threads(n_threads)
     want = normalize(saliency_summary(items, **common).assign(model=model.name))
     got = part("saliency")
     assert set(got["objective"]) == {"nll", "margin"}

@@ -409,12 +409,22 @@ def patching_transfer(table: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True)
 
 
+def lens_rows(table: pd.DataFrame, metric: str = "lens_accuracy", lens: str = "logit"):
+    """Rows of ``metric`` of the logit-lens technique decoded through ``lens`` (``"logit"`` or
+    ``"tuned"``; a table without a ``lens`` column holds logit-lens rows only)."""
+    t = table[(table["technique"] == "logit_lens") & (table["metric"] == metric)]
+    if "lens" in t.columns:
+        t = t[t["lens"].astype("string").fillna("logit") == lens]
+    elif lens != "logit":
+        t = t.iloc[0:0]
+    return t
+
+
 def emergence_rows(table: pd.DataFrame) -> pd.DataFrame:
     """Per (model, concept set, layer): where the right answer emerges under the logit lens,
     ``raw(l) = max(0, a(l) − a(l−1))`` with ``a`` = ``lens_accuracy`` (forced choice decoded
     from the residual stream after ``l`` blocks); layer 0 gets 0."""
-    t = table[(table["layer"] >= 0) & (table["technique"] == "logit_lens")]
-    t = t[t["metric"] == "lens_accuracy"]
+    t = lens_rows(table[table["layer"] >= 0])
     if t.empty:
         return t.iloc[0:0].assign(raw=pd.Series(dtype=float), label="")
     out = []
@@ -513,13 +523,13 @@ def _summaries(cells: pd.DataFrame, binned: bool) -> pd.DataFrame:
 
 def _with_reliability(summary: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
     """Fill ``reliability`` (split-half, Spearman–Brown; technique ``stability``, metric
-    ``map_split_half`` written by the causal techniques) and ``unstable`` (reliability <
-    :data:`UNSTABLE_BELOW`, 1/0; NaN without a measurement) of the block-level map rows."""
+    ``map_split_half`` written by the causal techniques over items; for representation rows
+    ``probe_acc_split_half`` / ``probe_r2_split_half`` over template halves) and ``unstable``
+    (reliability < :data:`UNSTABLE_BELOW`, 1/0; NaN without a measurement) of the block-level
+    and representation map rows."""
     if summary.empty or table.empty or "technique" not in table.columns:
         return summary
     st = table[(table["technique"] == "stability") & (table["metric"] == "map_split_half")]
-    if st.empty:
-        return summary
     if "site" in st.columns:
         st = st[st["site"].astype("string").fillna("block") == "block"]
     if "objective" in st.columns:
@@ -527,11 +537,20 @@ def _with_reliability(summary: pd.DataFrame, table: pd.DataFrame) -> pd.DataFram
         margin = st["objective"].astype("string").fillna("nll") == "margin"
         st = pd.concat([st[~sal], _prefer(st[sal], margin[sal])])
     rel = st.groupby(["model", "label", "concept_set"])["value"].mean()
+    # representation rows (one per label): the probe profile's template split-half
+    rep = table[
+        (table["technique"] == "stability")
+        & table["metric"].isin(["probe_acc_split_half", "probe_r2_split_half"])
+    ]
+    rep_rel = rep.groupby(["model", "concept_set", "label"])["value"].mean()
     out = summary.copy()
     for i, r in out.iterrows():
-        if r["label"] != "":
+        if r["map"] == "representation":
+            v = rep_rel.get((r["model"], r["concept_set"], r["label"]))
+        elif r["label"] != "":
             continue
-        v = rel.get((r["model"], r["map"], r["concept_set"]))
+        else:
+            v = rel.get((r["model"], r["map"], r["concept_set"]))
         if v is not None and np.isfinite(v):
             out.at[i, "reliability"] = float(v)
             out.at[i, "unstable"] = float(v < UNSTABLE_BELOW)

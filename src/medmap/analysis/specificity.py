@@ -38,7 +38,7 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from medmap.analysis.maps import select_rows, set_roles
+from medmap.analysis.maps import lens_rows, select_rows, set_roles
 
 TECHNIQUES = ("representation", "saliency", "lesion", "patching", "emergence")
 COLUMNS = [
@@ -72,7 +72,7 @@ def effect_rows(table: pd.DataFrame, map_name: str) -> pd.DataFrame:
         return g[cols]
     if map_name == "emergence":
         t = table[(table["layer"] >= 0) & table["relative_depth"].notna()]
-        s = t[(t["technique"] == "logit_lens") & (t["metric"] == "lens_accuracy")]
+        s = lens_rows(t)
     elif map_name in ("saliency", "lesion", "patching"):
         s = select_rows(table, map_name)  # the rows the technique's map is built from
         s = s[s["label"].astype(str) == ""]  # block level (sub-module rows carry a site label)

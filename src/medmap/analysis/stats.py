@@ -84,9 +84,10 @@ def spearman_brown(r: float) -> float:
 
 def profile_reliability(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman–Brown corrected Pearson correlation of two half profiles over layers (NaN
-    when fewer than 3 finite layers or a profile is constant)."""
+    when fewer than 3 finite layers or a profile is constant; a negative correlation counts as
+    0, no reliability, as in :func:`medmap.techniques.summary.split_half_rows`)."""
     a, b = np.asarray(a, float), np.asarray(b, float)
     ok = np.isfinite(a) & np.isfinite(b)
     if ok.sum() < 3 or np.std(a[ok]) == 0 or np.std(b[ok]) == 0:
         return float("nan")
-    return spearman_brown(float(np.corrcoef(a[ok], b[ok])[0, 1]))
+    return spearman_brown(max(float(np.corrcoef(a[ok], b[ok])[0, 1]), 0.0))

@@ -28,7 +28,6 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +46,7 @@ from medmap.experiments.scoring import (
     soft_margins,
     train_params,
 )
+from medmap.techniques.lesioning import neutral_sentences
 
 CHOICES = ("map", "random", "least")
 METRICS = ("forget_drop", "forget_train_drop", "control_drop", "neutral_increase",
@@ -138,13 +138,6 @@ def rank_blocks(score: np.ndarray) -> list[int]:
     return [int(b) for b in sorted(range(len(score)), key=lambda b: (-score[b], b))]
 
 
-def read_neutral(n_lines: int) -> list[str]:
-    """The first ``n_lines`` sentences of the bundled neutral text."""
-    text = resources.files("medmap.concepts").joinpath("data/neutral.txt").read_text("utf-8")
-    lines = [x.strip() for x in text.splitlines() if x.strip() and not x.startswith("#")]
-    return lines[:n_lines]
-
-
 @dataclass(frozen=True)
 class EditTestConfig:
     """Settings of one edit test (defaults sized for SmolLM2-135M on 2 CPU cores)."""
@@ -169,8 +162,15 @@ class EditTestConfig:
     n_boot: int = 1000
 
     def key(self, model_name: str) -> str:
-        blob = json.dumps({"model": model_name, **asdict(self)}, sort_keys=True, default=str)
+        """Key of the per-edit cells: every setting an edit's row depends on. The number of
+        seeds and draws, the choices and ``n_boot`` are left out: edit ``(seed s, choice,
+        draw d)`` is the same in a run with more seeds or draws, which reuses it."""
+        cell = {k: v for k, v in asdict(self).items() if k not in _NOT_IN_CELL}
+        blob = json.dumps({"model": model_name, **cell}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_NOT_IN_CELL = ("seeds", "draws", "choose", "n_boot")
 
 
 def _check(model, cfg: EditTestConfig) -> None:
@@ -237,7 +237,7 @@ def edit_test(model, cfg: EditTestConfig, out: str | Path | None = None, *, prog
         controls += set_facts(model, c, max_items=cfg.max_items,
                               max_distractors=cfg.max_distractors, seed=cfg.seed,
                               known_only=cfg.known_only)[0]  # fmt: skip
-    neutral = read_neutral(cfg.neutral_lines)
+    neutral = neutral_sentences(cfg.neutral_lines)
     key = cfg.key(model.name)
     cells = Path(out) / "cells" if out is not None else None
     neutral0 = neutral_nll(model, neutral)

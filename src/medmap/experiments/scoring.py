@@ -3,8 +3,8 @@ margins, block parameter handles, in-memory weight snapshots and deterministic e
 
 Measurement uses :func:`medmap.techniques.knowledge.score_candidates` (whole-answer summed
 log-probabilities, the forced-choice convention of the knowledge measurement); training needs
-gradients, so :func:`answer_logprobs` computes the same quantity with autograd from a plain
-right-padded forward pass (tested equal).
+gradients, so :func:`medmap.model.targets.answer_logprobs` computes the same quantity with
+autograd from a right-padded forward pass (tested equal).
 """
 
 from __future__ import annotations
@@ -17,28 +17,7 @@ import numpy as np
 import torch
 
 from medmap.errors import MedmapError
-from medmap.model.targets import encode_targets, prediction_index
-
-
-def answer_logprobs(
-    model, prompts: Sequence[str], answers: Sequence[str], *, batch_size: int = 16
-) -> torch.Tensor:
-    """Summed log-probability (nats) of ``answers[i]`` after ``prompts[i]``; shape ``(n,)``.
-
-    Differentiable (runs under the caller's grad mode); float32 on the CPU.
-    """
-    out = []
-    for s in range(0, len(prompts), batch_size):
-        p, a = list(prompts[s : s + batch_size]), list(answers[s : s + batch_size])
-        batch, spans = encode_targets(model.tokenizer, p, a, max_length=model.max_length)
-        inputs = batch.model_inputs(model.input_device)
-        logits = model.hf(**inputs, use_cache=False).logits
-        rows, cols, toks, item_of = prediction_index(spans)
-        dev = logits.device
-        sel = logits[rows.to(dev), cols.to(dev)].float()
-        lp = torch.log_softmax(sel, -1).gather(1, toks.to(dev)[:, None])[:, 0].cpu()
-        out.append(torch.zeros(len(p)).index_add(0, item_of, lp))
-    return torch.cat(out)
+from medmap.model.targets import answer_logprobs, encode_targets
 
 
 def choice_margins(
@@ -65,7 +44,7 @@ def soft_margins(
             flat_p.append(p)
             flat_a.append(c)
     lp = answer_logprobs(model, flat_p, flat_a)
-    out, k = [], 0
+    out, k = [], 0  # per prompt: its answer's segment, then its distractors'
     for pool in pools:
         n = 1 + len(pool)
         seg = lp[k : k + n]

@@ -143,3 +143,31 @@ def target_scores(
         "topk": (rank < k).double(),
         "rank": rank,
     }
+
+
+def answer_logprobs(
+    model, prompts: Sequence[str], answers: Sequence[str], *, batch_size: int = 16
+) -> torch.Tensor:
+    """Whole-answer log-probability (nats, summed over the answer's tokens) of ``answers[i]``
+    after ``prompts[i]``, differentiable (runs under the caller's grad mode).
+
+    Right-padded batches of ``prompt + answer`` (:func:`encode_targets`); the base model's
+    final-normed hidden states are decoded only at the positions that predict answer tokens
+    (:meth:`medmap.model.adapter.LayerAdapter.logits`), never over the whole sequence.
+
+    Returns:
+        float32 tensor ``(len(prompts),)`` on the device of the unembedding.
+    """
+    ad = model.adapter
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        p, a = list(prompts[s : s + batch_size]), list(answers[s : s + batch_size])
+        batch, spans = encode_targets(model.tokenizer, p, a, max_length=model.max_length)
+        hidden = ad.base(**batch.model_inputs(model.input_device), use_cache=False)
+        rows, cols, toks, item_of = prediction_index(spans)
+        h = hidden.last_hidden_state
+        logits = ad.logits(h, (rows.to(h.device), cols.to(h.device)), normed=True).float()
+        dev = logits.device
+        lp = torch.log_softmax(logits, -1).gather(1, toks.to(dev)[:, None])[:, 0]
+        out.append(torch.zeros(len(p), device=dev).index_add(0, item_of.to(dev), lp))
+    return torch.cat(out)

@@ -685,6 +685,52 @@ def knows_html(table: pd.DataFrame) -> str:
     return note + f"<table>{head}{''.join(body)}</table>"
 
 
+def emergence_html(table: pd.DataFrame) -> str:
+    """Answer emergence per concept set: the median depth from which the lens's forced choice
+    stays right (95 % CI, n = targets right at the last layer), through the logit lens and the
+    tuned lens side by side, and each lens's accuracy at mid-depth. Empty without lens rows."""
+    from medmap.analysis.maps import lens_rows
+
+    t = table[table["technique"].astype(str) == "logit_lens"] if len(table) else table
+    if t.empty:
+        return ""
+    lenses = [x for x in ("logit", "tuned") if len(lens_rows(t, "emergence_depth", x))]
+    head = "<tr><th>concept set</th>" + "".join(
+        f"<th>{x} lens: emergence depth (95% CI)</th><th>{x} lens: accuracy at depth ≈ 0.5</th>"
+        for x in lenses
+    ) + "<th>n</th></tr>"  # fmt: skip
+    body = []
+    for cset in dict.fromkeys(t["concept_set"].astype(str)):
+        cells, n = [], 0
+        for x in lenses:
+            em = lens_rows(t[t["concept_set"].astype(str) == cset], "emergence_depth", x)
+            acc = lens_rows(t[t["concept_set"].astype(str) == cset], "lens_accuracy", x)
+            if em.empty:
+                cells.append("<td>–</td><td>–</td>")
+                continue
+            r = em.iloc[0]
+            n = int(r["n"])
+            mid = acc.iloc[(acc["relative_depth"] - 0.5).abs().argsort()[:1]]
+            a = (
+                f"{_f(mid['value'].iloc[0])} (chance {_f(mid['baseline'].iloc[0])})"
+                if len(mid)
+                else "–"
+            )
+            cells.append(
+                f"<td class='num'>{_f(r['value'])} ({_f(r['ci_low'])}–{_f(r['ci_high'])})</td>"
+                f"<td class='num'>{a}</td>"
+            )
+        body.append(f"<tr><td>{esc(cset)}</td>{''.join(cells)}<td class='num'>{n}</td></tr>")
+    note = (
+        "<p>Each layer's residual stream decoded through the model's final norm and unembedding "
+        "(logit lens) or first mapped to the last block's output by an affine translator fitted on "
+        "the neutral text (tuned lens, linear shortcut); forced choice of whole answers. "
+        "Emergence depth: over the targets the model gets right, the median first depth from "
+        "which the choice stays right. The answer-emergence map reads the logit lens.</p>"
+    )
+    return note + f"<table>{head}{''.join(body)}</table>"
+
+
 def paper_html(t1: pd.DataFrame | None, iv: pd.DataFrame | None, model: str) -> str:
     """The paper's Table 1 (best layer and score per concept, with the null where there is one)
     and its interval map (per set and technique: the representation's fastest 3-layer rise, the
@@ -779,6 +825,9 @@ def build_report(
     known = knows_html(table[table["model"].astype(str) == model] if len(table) else table)
     if known:
         page.section("known", "Known facts").append(known)
+    emerge = emergence_html(table[table["model"].astype(str) == model] if len(table) else table)
+    if emerge:
+        page.section("emergence", "Answer emergence (logit and tuned lens)").append(emerge)
     profiles_section(page, table[table["model"].astype(str) == model] if len(table) else table)
     umap_section(page, coords)
     phenomena_section(page, table)

@@ -595,8 +595,8 @@ def technique_work(
         per_pass = tok / batches  # tokens of one batch
         if technique in ("umap", "knows"):  # knows: forward passes over candidate sequences
             total += Work(tok * fb, batches * blocks_read(per_pass), batches, tok)
-        elif technique == "logit_lens":  # + the head at the answer positions of every layer
-            heads = n * TARGET_TOKENS * (n_layers + 1)
+        elif technique == "logit_lens":  # + two heads (logit, tuned lens) per answer position
+            heads = 2 * n * TARGET_TOKENS * (n_layers + 1)
             total += Work(
                 tok * fb + heads * fh,
                 batches * (blocks_read(per_pass) + (n_layers + 1) * head_b),

@@ -27,8 +27,20 @@ Rows (technique ``logit_lens``, one per layer unless said):
   ``relative_depth`` = that layer / ``n_layers``; CI: bootstrap over those targets.
   ``emergence_depth`` (``layer = -1``): the same divided by ``n_layers``.
 
+**Tuned lens (linear shortcut).** The logit lens reads early layers through a head trained on
+the last layer's basis, which biases emergence late. The tuned variant first maps the residual
+at index ``l`` to the last block's output with one affine translator per layer,
+``h_n ≈ [h_l, 1] A_l``, fitted by ridge least squares on the bundled neutral text (every token
+but each sentence's first, whose attention-sink norms would dominate the fit;
+:func:`fit_tuned_lens`), then decodes through the same head. This is the closed-form
+"linear shortcut" of Din et al. (2023, arXiv 2303.09435); Belrose et al.'s tuned lens
+(arXiv 2303.08112) trains the same affine maps on a KL objective. At the last index the
+translator is the identity. The same rows are written with ``lens = "tuned"`` beside
+``lens = "logit"``; the answer-emergence map reads the logit lens.
+
 Cost: one forward pass per (prompt, candidate) plus, per layer, the head on the answer positions
-only (no full-vocabulary logits at other positions).
+only (no full-vocabulary logits at other positions); the tuned lens adds one pass over the
+neutral text per run (its translators are cached in the run directory).
 """
 
 from __future__ import annotations
@@ -57,8 +69,9 @@ def lens_logprobs(
     *,
     layers: Sequence[int] | None = None,
     batch_size: int = 16,
-) -> list[np.ndarray]:
-    """Whole-answer log-probabilities through the logit lens.
+    translators: torch.Tensor | None = None,
+) -> list[np.ndarray] | dict[str, list[np.ndarray]]:
+    """Whole-answer log-probabilities through the logit lens (and the tuned lens).
 
     Args:
         model: a :class:`medmap.MedmapModel`.
@@ -66,10 +79,13 @@ def lens_logprobs(
         answers: per prompt, its candidate completions (appended to the prompt as is).
         layers: residual indices ``0..n_layers`` (default all).
         batch_size: (prompt + candidate) sequences per forward pass.
+        translators: ``(n_layers, d_model + 1, d_model)`` from :func:`fit_tuned_lens`: also
+            score through the tuned lens, in the same forward passes.
 
     Returns:
         Per prompt, an array ``(n_layers_kept, n_candidates)`` of summed log-probabilities
-        (nats) of each candidate's answer tokens decoded from each layer.
+        (nats) of each candidate's answer tokens decoded from each layer; with
+        ``translators`` a dict ``{"logit": ..., "tuned": ...}`` of two such lists.
     """
     if len(prompts) != len(answers):
         raise MedmapError(f"{len(prompts)} prompts but {len(answers)} candidate lists")
@@ -86,7 +102,8 @@ def lens_logprobs(
             ids = [int(x) for x in enc["input_ids"]]
             span = target_span([tuple(o) for o in enc["offset_mapping"]], ids, len(p))
             seqs.append((i, j, ids, span.start, span.stop))
-    out = [np.zeros((len(layer_ids), len(c))) for c in answers]
+    lenses = ("logit",) if translators is None else ("logit", "tuned")
+    outs = {k: [np.zeros((len(layer_ids), len(c))) for c in answers] for k in lenses}
     sites = ["resid_pre.0"] + [f"resid_post.{b}" for b in range(n)]
     adapter = model.adapter
     pad = _pad_id(tok)
@@ -108,17 +125,81 @@ def lens_logprobs(
                 attention_mask=mask.to(model.input_device),
             )
         for li, layer in enumerate(layer_ids):
-            with torch.inference_mode():
-                if layer < n:
-                    h = tr[sites[layer]]
-                    logits = adapter.logits(h, (rows.to(h.device), cols.to(h.device)))
-                else:  # the model's own output (equal to the head on the last block's output)
-                    logits = res.logits[rows.to(res.logits.device), cols.to(res.logits.device)]
-                lp = torch.log_softmax(logits.float(), -1)
-                got = lp.gather(1, target.to(lp.device)[:, None])[:, 0].double().cpu().numpy()
-            per_seq = np.bincount(owner, weights=got, minlength=len(chunk))
-            for r, c in enumerate(chunk):
-                out[c[0]][li, c[1]] = per_seq[r]
+            for lens in lenses:
+                with torch.inference_mode():
+                    if layer < n:
+                        h = tr[sites[layer]]
+                        h = h[rows.to(h.device), cols.to(h.device)]  # (positions, d_model)
+                        if lens == "tuned":
+                            a = translators[layer].to(h.device, torch.float32)
+                            h = (h.float() @ a[:-1] + a[-1]).to(h.dtype)
+                        logits = adapter.logits(h)
+                    else:  # the model's own output (= the head on the last block's output)
+                        dev = res.logits.device
+                        logits = res.logits[rows.to(dev), cols.to(dev)]
+                    lp = torch.log_softmax(logits.float(), -1)
+                    got = lp.gather(1, target.to(lp.device)[:, None])[:, 0].double().cpu().numpy()
+                per_seq = np.bincount(owner, weights=got, minlength=len(chunk))
+                for r, c in enumerate(chunk):
+                    outs[lens][c[0]][li, c[1]] = per_seq[r]
+    return outs["logit"] if translators is None else outs
+
+
+TUNED_RIDGE = 1e-3  # ridge on the translators, relative to the mean input variance
+
+
+def fit_tuned_lens(
+    model: MedmapModel,
+    sentences: Sequence[str] | None = None,
+    *,
+    ridge: float = TUNED_RIDGE,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Affine translators of the tuned lens (linear shortcut), one per residual index.
+
+    Args:
+        model: a :class:`medmap.MedmapModel`.
+        sentences: fitting text (default: every bundled neutral sentence,
+            :func:`medmap.techniques.lesioning.neutral_sentences`); every token but the first
+            of each sentence is one sample.
+        ridge: Tikhonov weight, times the samples' mean square input feature (the bias is not
+            penalised).
+
+    Returns:
+        float32 ``(n_layers, d_model + 1, d_model)``: ``A[l]`` maps ``[h_l, 1]`` (the residual at
+        index ``l``: 0 = embedding output, ``l`` = after ``l`` blocks) to the last block's
+        output, ``h_n ≈ h_l @ A[l][:-1] + A[l][-1]``, by least squares.
+    """
+    from medmap.model.tokens import encode
+    from medmap.techniques.lesioning import neutral_sentences
+
+    texts = list(neutral_sentences() if sentences is None else sentences)
+    if not texts:
+        raise MedmapError("no text to fit the tuned lens on", hint="pass sentences")
+    n, d = model.n_layers, model.d_model
+    sites = ["resid_pre.0"] + [f"resid_post.{b}" for b in range(n)]
+    xtx = torch.zeros(n, d + 1, d + 1, dtype=torch.float64)
+    xty = torch.zeros(n, d + 1, d, dtype=torch.float64)
+    for s0 in range(0, len(texts), batch_size):
+        batch = encode(model.tokenizer, texts[s0 : s0 + batch_size], max_length=model.max_length)
+        inputs = batch.model_inputs(model.input_device)
+        keep = inputs["attention_mask"].bool().clone()
+        first = keep.int().argmax(1)  # each sentence's first real token (either padding side)
+        keep[torch.arange(len(keep)), first] = False
+        with torch.inference_mode(), Trace(model.adapter, sites) as tr:
+            model.adapter.base(**inputs, use_cache=False)
+        m = keep.to(tr[sites[-1]].device)
+        y = tr[sites[-1]][m].double().cpu()
+        for layer in range(n):
+            x = tr[sites[layer]][m].double().cpu()
+            x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+            xtx[layer] += x1.T @ x1
+            xty[layer] += x1.T @ y
+    out = torch.empty(n, d + 1, d, dtype=torch.float32)
+    for layer in range(n):
+        a = xtx[layer].clone()  # diagonal: samples × mean square of each input feature
+        a[range(d), range(d)] += ridge * max(float(torch.diagonal(a)[:d].mean()), 1e-12)
+        out[layer] = torch.linalg.solve(a, xty[layer]).float()
     return out
 
 
@@ -166,6 +247,7 @@ def logit_lens(
     n_boot: int = 200,
     seed: int = 0,
     batch_size: int = 16,
+    translators: torch.Tensor | None = None,
 ) -> pd.DataFrame:
     """Answer emergence of a concept set's targets through the logit lens (module doc).
 
@@ -175,10 +257,12 @@ def logit_lens(
         layers: residual indices (default ``0..n_layers``).
         max_items: stratified subset of the items; ``max_targets``: first targets per item.
         max_distractors: cap of the forced choice's distractors (as in ``knows``).
+        translators: from :func:`fit_tuned_lens`: the same rows through the tuned lens too.
 
     Returns:
         Tidy rows (:mod:`medmap.analysis.results`): ``lens_accuracy`` and ``lens_margin`` per
-        layer, ``emergence_layer`` and ``emergence_depth`` at ``layer = -1``.
+        layer, ``emergence_layer`` and ``emergence_depth`` at ``layer = -1``; column ``lens``
+        (``"logit"``, and ``"tuned"`` with ``translators``).
     """
     from medmap.analysis.results import make_rows
     from medmap.techniques.knowledge import forced_choices
@@ -198,8 +282,19 @@ def logit_lens(
     n = model.n_layers
     layer_ids = list(range(n + 1)) if layers is None else [int(x) for x in layers]
     scores = lens_logprobs(
-        model, prompts, [c.candidates for c in choices], layers=layer_ids, batch_size=batch_size
-    )
+        model, prompts, [c.candidates for c in choices], layers=layer_ids, batch_size=batch_size,
+        translators=translators,
+    )  # fmt: skip
+    by_lens = {"logit": scores} if translators is None else scores
+    base = {"model": model.name, "concept_set": cs.name, "technique": "logit_lens", "seed": seed}
+    rows = []
+    for lens, sc in by_lens.items():
+        rows += _lens_rows(sc, choices, layer_ids, n, base | {"lens": lens}, n_boot, seed)
+    return make_rows(rows)
+
+
+def _lens_rows(scores, choices, layer_ids, n, base, n_boot, seed) -> list[dict]:
+    """The rows of one lens from its per-prompt scores (see :func:`logit_lens`)."""
     n_t = len(choices)
     margin = np.zeros((len(layer_ids), n_t))
     for j, (c, s) in enumerate(zip(choices, scores)):
@@ -214,7 +309,6 @@ def logit_lens(
         b = x[idx].mean(1)
         return float(np.quantile(b, 0.025)), float(np.quantile(b, 0.975))
 
-    base = {"model": model.name, "concept_set": cs.name, "technique": "logit_lens", "seed": seed}
     rows = []
     for li, layer in enumerate(layer_ids):
         depth = layer / n if n else np.nan
@@ -238,13 +332,16 @@ def logit_lens(
         rows.append(base | dict(layer=-1, relative_depth=med / max(n, 1), metric=metric,
                                 value=med * scale, ci_low=lo * scale, ci_high=hi * scale,
                                 n=int(len(ok))))  # fmt: skip
-    return make_rows(rows)
+    return rows
 
 
 class LogitLensTechnique(Technique):
-    """The logit lens as a runner technique (``parts/logit_lens/<set>.parquet``), registered in
-    :mod:`medmap.techniques.base`; it feeds no knowledge-map row yet (``techniques`` in the run
-    config opts in)."""
+    """The logit and tuned lenses as a runner technique (``parts/logit_lens/<set>.parquet``),
+    registered in :mod:`medmap.techniques.base`; the forced choice of the knows stage
+    (``knows_distractors``). The tuned lens's translators are fitted once
+    per run on the bundled neutral text and cached in ``cells/logit_lens/tuned_lens/``. Its
+    rows feed the answer-emergence map (:func:`medmap.analysis.maps.emergence_rows`, the logit
+    lens), not the combined map."""
 
     name = "logit_lens"
     title = "logit lenses"
@@ -255,6 +352,26 @@ class LogitLensTechnique(Technique):
     def run_cell(self, model: MedmapModel, cell, ctx) -> pd.DataFrame:
         cs = ctx.trim_targets(ctx.load_set(cell.concept_set, self))
         cfg = ctx.config
+        path = ctx.run.cells_dir(self.name, "tuned_lens") / "translators.safetensors"
         return logit_lens(
-            model, cs, n_boot=cfg.n_boot, seed=cfg.seed, batch_size=max(1, cfg.batch_size)
-        )
+            model, cs, max_distractors=cfg.knows_distractors, n_boot=cfg.n_boot, seed=cfg.seed,
+            batch_size=max(1, cfg.batch_size),
+            translators=cached_tuned_lens(model, path, batch_size=max(1, cfg.batch_size)),
+        )  # fmt: skip
+
+
+def cached_tuned_lens(model: MedmapModel, path, *, batch_size: int = 16) -> torch.Tensor:
+    """:func:`fit_tuned_lens` on the neutral text, read from ``path`` (safetensors) when a
+    previous cell of the run wrote it, else fitted and written atomically."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from medmap.run.outputs import write_atomic
+
+    path = Path(path)
+    if path.exists():
+        return load_file(str(path))["translators"]
+    a = fit_tuned_lens(model, batch_size=batch_size)
+    write_atomic(path, lambda tmp: save_file({"translators": a.contiguous()}, tmp))
+    return a

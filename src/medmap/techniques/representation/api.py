@@ -49,6 +49,7 @@ from medmap.techniques.representation.scores import (
     clean_ordinal,
     knn_regression_predictions,
     ordinal_scores,
+    probe_point,
 )
 
 SCORED_KINDS = ("categorical", "ordinal", "numeric")
@@ -664,8 +665,36 @@ def _null_rows(
     def stab(metric: str, label: str, fn) -> None:
         if halves is None:
             return
-        vals = np.array([[fn(halves[s, h]) for h in (0, 1)] for s in range(len(halves))])
+        memo: dict[bytes, float] = {}  # few templates repeat splits: each half is scored once
+
+        def score(s: int, h: int) -> float:
+            key = (splits[s] if h == 0 else ~splits[s]).tobytes()
+            if key not in memo:
+                memo[key] = fn(halves[s, h])
+            return memo[key]
+
+        vals = np.array([[score(s, h) for h in (0, 1)] for s in range(len(halves))])
         halves_profile.setdefault((metric, label), []).append(vals)
+
+    # the representation map row's own stability: the probe profile on each template half
+    for lab in info.labels:
+        if lab.kind == "categorical":
+            cleaned = clean_categorical(lab.values)
+        elif lab.kind in SCORED_KINDS:
+            cleaned = clean_ordinal(lab.values)
+        else:
+            continue
+        if cleaned is None:
+            continue
+        keep_l, target = cleaned
+        cat = lab.kind == "categorical"
+        stab(
+            "probe_acc" if cat else "probe_r2",
+            lab.name,
+            lambda h, keep_l=keep_l, target=target, cat=cat: probe_point(
+                h[keep_l], target, cat, seed
+            ),
+        )
 
     if age is not None:
         cleaned = clean_ordinal(age.values)

@@ -183,6 +183,18 @@ def _cv_predict_reg(z: np.ndarray, y: np.ndarray, seed: int, estimator=None) -> 
     return cross_val_predict(ClippedRegressor(est), z, y, cv=cv)
 
 
+def probe_point(z: np.ndarray, target: np.ndarray, categorical: bool, seed: int) -> float:
+    """The probe's point value alone: out-of-fold accuracy (``categorical``, integer codes) or
+    R² (ordinal/numeric ``target``) of the same probe, folds and seed as
+    :func:`categorical_scores` / :func:`ordinal_scores`; NaN when ``z`` has non-finite rows."""
+    if not np.isfinite(z).all():
+        return float("nan")
+    if categorical:
+        return float((_cv_predict_class(z, target, seed) == target).mean())
+    pred = _cv_predict_reg(z, target, seed)
+    return float(r2_rows(target[None], pred[None])[0])
+
+
 def categorical_scores(
     z: np.ndarray,
     codes: np.ndarray,

@@ -57,7 +57,8 @@ import torch
 from medmap.analysis.results import make_rows
 from medmap.batching import free_memory, is_oom
 from medmap.errors import MedmapError
-from medmap.model.targets import encode_targets, prediction_index
+from medmap.model.targets import answer_logprobs as _answer_logprobs
+from medmap.model.targets import encode_targets
 from medmap.run.cells import CellCache, cell_key, model_identity
 from medmap.techniques.base import Cell, RunContext, Technique
 from medmap.techniques.concept_io import concept_targets, plain_or_concepts, set_name
@@ -165,36 +166,23 @@ def param_groups(model) -> ParamGroups:
 
 def item_loss(model, prompt: str, target: str) -> torch.Tensor:
     """NLL (nats) of ``target`` after ``prompt``, summed over the target tokens (differentiable)."""
-    batch, spans = encode_targets(model.tokenizer, [prompt], [target], max_length=model.max_length)
-    _, cols, toks, _ = prediction_index(spans)
-    logits = model.hf(**batch.model_inputs(model.input_device), use_cache=False).logits[0]
-    logp = torch.log_softmax(logits[cols.to(logits.device)].float(), dim=-1)
-    return -logp.gather(1, toks.to(logp.device)[:, None]).sum()
+    return -answer_logprobs(model, prompt, [target])[0]
 
 
 OBJECTIVES = ("nll", "margin")
 
 
 def answer_logprobs(model, prompt: str, answers: Sequence[str]) -> torch.Tensor:
-    """Whole-answer log-probabilities of ``answers`` after ``prompt`` (differentiable).
+    """Whole-answer log-probabilities of ``answers`` after one ``prompt`` (differentiable).
 
-    One right-padded forward pass of the ``len(answers)`` sequences ``prompt + answer``; each
-    answer's target tokens are found as in :func:`medmap.model.targets.encode_targets`.
+    One right-padded forward pass of the ``len(answers)`` sequences ``prompt + answer``
+    (:func:`medmap.model.targets.answer_logprobs`).
 
     Returns:
         float32 tensor of shape ``(len(answers),)``: ``log p(answer | prompt)`` in nats, summed
         over the answer's tokens (on the logits' device).
     """
-    n = len(answers)
-    batch, spans = encode_targets(
-        model.tokenizer, [prompt] * n, list(answers), max_length=model.max_length
-    )
-    rows, cols, toks, item_of = prediction_index(spans)
-    logits = model.hf(**batch.model_inputs(model.input_device), use_cache=False).logits
-    dev = logits.device
-    logp = torch.log_softmax(logits[rows.to(dev), cols.to(dev)].float(), dim=-1)
-    tok_lp = logp.gather(1, toks.to(dev)[:, None])[:, 0]
-    return torch.zeros(n, dtype=tok_lp.dtype, device=dev).index_add(0, item_of.to(dev), tok_lp)
+    return _answer_logprobs(model, [prompt] * len(answers), list(answers), batch_size=len(answers))
 
 
 def margin_loss(model, prompt: str, answer: str, distractors: Sequence[str]) -> torch.Tensor:
