@@ -702,9 +702,9 @@ def emergence_html(table: pd.DataFrame) -> str:
     body = []
     for cset in dict.fromkeys(t["concept_set"].astype(str)):
         cells, n = [], 0
+        g = t[t["concept_set"].astype(str) == cset]
         for x in lenses:
-            em = lens_rows(t[t["concept_set"].astype(str) == cset], "emergence_depth", x)
-            acc = lens_rows(t[t["concept_set"].astype(str) == cset], "lens_accuracy", x)
+            em, acc = lens_rows(g, "emergence_depth", x), lens_rows(g, "lens_accuracy", x)
             if em.empty:
                 cells.append("<td>–</td><td>–</td>")
                 continue

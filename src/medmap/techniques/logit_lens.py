@@ -125,21 +125,24 @@ def lens_logprobs(
                 attention_mask=mask.to(model.input_device),
             )
         for li, layer in enumerate(layer_ids):
+            per_seq = None
             for lens in lenses:
-                with torch.inference_mode():
-                    if layer < n:
-                        h = tr[sites[layer]]
-                        h = h[rows.to(h.device), cols.to(h.device)]  # (positions, d_model)
-                        if lens == "tuned":
-                            a = translators[layer].to(h.device, torch.float32)
-                            h = (h.float() @ a[:-1] + a[-1]).to(h.dtype)
-                        logits = adapter.logits(h)
-                    else:  # the model's own output (= the head on the last block's output)
-                        dev = res.logits.device
-                        logits = res.logits[rows.to(dev), cols.to(dev)]
-                    lp = torch.log_softmax(logits.float(), -1)
-                    got = lp.gather(1, target.to(lp.device)[:, None])[:, 0].double().cpu().numpy()
-                per_seq = np.bincount(owner, weights=got, minlength=len(chunk))
+                if layer < n or per_seq is None:  # the last index is the same under both lenses
+                    with torch.inference_mode():
+                        if layer < n:
+                            h = tr[sites[layer]]
+                            h = h[rows.to(h.device), cols.to(h.device)]  # (positions, d_model)
+                            if lens == "tuned":
+                                a = translators[layer].to(h.device, torch.float32)
+                                h = (h.float() @ a[:-1] + a[-1]).to(h.dtype)
+                            logits = adapter.logits(h)
+                        else:  # the model's own output (= the head on the last block's output)
+                            dev = res.logits.device
+                            logits = res.logits[rows.to(dev), cols.to(dev)]
+                        lp = torch.log_softmax(logits.float(), -1)
+                        tok_lp = lp.gather(1, target.to(lp.device)[:, None])[:, 0]
+                    got = tok_lp.double().cpu().numpy()
+                    per_seq = np.bincount(owner, weights=got, minlength=len(chunk))
                 for r, c in enumerate(chunk):
                     outs[lens][c[0]][li, c[1]] = per_seq[r]
     return outs["logit"] if translators is None else outs

@@ -489,6 +489,18 @@ class _LayerSetup:
     splits: np.ndarray | None
 
 
+def _scored_labels(info: ItemInfo):
+    """``(label, keep, target)`` of every label a probe scores: categorical labels with their
+    integer codes, ordinal/numeric ones with their values, on the items that have one."""
+    for lab in info.labels:
+        if lab.kind not in SCORED_KINDS:
+            continue
+        clean = clean_categorical if lab.kind == "categorical" else clean_ordinal
+        cleaned = clean(lab.values)
+        if cleaned is not None:
+            yield lab, *cleaned
+
+
 def _layer_rows(feats: LayerFeatures, layer: int, setup: _LayerSetup) -> list[dict]:
     """Cluster/probe scores of every label plus the detectors of one layer."""
     info, ctx, tc, seed, n_boot = setup.info, setup.ctx, setup.tc, setup.seed, setup.n_boot
@@ -500,15 +512,10 @@ def _layer_rows(feats: LayerFeatures, layer: int, setup: _LayerSetup) -> list[di
     boot_z = None
     if age is not None or has_prog:
         boot_z = template_bootstrap(feats, n_boot, _rng(seed, layer, "templates"))
-    for lab in info.labels:
-        if lab.kind not in SCORED_KINDS:
-            continue
+    for lab, keep, target in _scored_labels(info):
         rng = _rng(seed, layer, lab.name)
         if lab.kind == "categorical":
-            cleaned = clean_categorical(lab.values)
-            if cleaned is None:
-                continue
-            keep, codes = cleaned
+            codes = target
             scores, per_item = categorical_scores(
                 z[keep],
                 codes,
@@ -524,10 +531,7 @@ def _layer_rows(feats: LayerFeatures, layer: int, setup: _LayerSetup) -> list[di
             sil_by_label[lab.name] = (keep, full)
             rows += [_row(s, layer, lab.name, ctx) for s in scores]
             continue
-        cleaned = clean_ordinal(lab.values)
-        if cleaned is None:
-            continue
-        keep, y = cleaned
+        y = target
         scores, lin_pred = ordinal_scores(
             z[keep], y, rng=rng, seed=seed, n_boot=n_boot, n_perm_probe=n_perm_probe
         )
@@ -566,12 +570,7 @@ def _age_rows(z, keep, y, lin_pred, tc, boot_z, layer, name, ctx, *, seed, n_boo
 
 
 def _progression_rows(z, info, boot_z, layer, ctx, *, seed, n_boot) -> list[dict]:
-    by_name = {lab.name: lab for lab in info.labels}
-    series = np.array([None if v is None else str(v) for v in by_name["series"].values], object)
-    stage = np.array(
-        [np.nan if v is None else float(v) for v in by_name["stage"].values], dtype=float
-    )
-    ok = np.array([s is not None for s in series]) & np.isfinite(stage)
+    series, stage, ok = _prog_arrays(info)
     bz = None if boot_z is None else boot_z[:, ok]
     pairs = det.progression(
         z[ok], series[ok], stage[ok], boot_z=bz, rng=_rng(seed, layer, "progression"), n_boot=n_boot
@@ -583,15 +582,10 @@ def _contrast_rows(z, contrast, layer, ctx, *, seed, n_boot, n_perm, k) -> list[
     from sklearn.metrics import pairwise_distances, silhouette_samples
 
     a, b = contrast
-    ca, cb = clean_categorical(a.values), clean_categorical(b.values)
-    if ca is None or cb is None:
+    cc = _contrast_codes(a, b)
+    if cc is None:
         return []
-    # Items valid for both labels; a class may shrink to one item here (it then scores 0).
-    keep = ca[0] & cb[0]
-    codes_a = np.unique(np.array(a.values, dtype=object)[keep].astype(str), return_inverse=True)[1]
-    codes_b = np.unique(np.array(b.values, dtype=object)[keep].astype(str), return_inverse=True)[1]
-    if keep.sum() < 4 or codes_a.max() < 1 or codes_b.max() < 1:
-        return []
+    keep, codes_a, codes_b = cc
     zk = z[keep]
     dist = np.clip(pairwise_distances(zk, metric="cosine"), 0.0, None)
     np.fill_diagonal(dist, 0.0)
@@ -626,6 +620,8 @@ def _prog_arrays(info: ItemInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _contrast_codes(a: Label, b: Label):
+    """Items valid for both labels and their codes (a class may shrink to one item here and
+    then scores 0), or ``None`` with fewer than 4 items or a single class."""
     ca, cb = clean_categorical(a.values), clean_categorical(b.values)
     if ca is None or cb is None:
         return None
@@ -677,16 +673,7 @@ def _null_rows(
         halves_profile.setdefault((metric, label), []).append(vals)
 
     # the representation map row's own stability: the probe profile on each template half
-    for lab in info.labels:
-        if lab.kind == "categorical":
-            cleaned = clean_categorical(lab.values)
-        elif lab.kind in SCORED_KINDS:
-            cleaned = clean_ordinal(lab.values)
-        else:
-            continue
-        if cleaned is None:
-            continue
-        keep_l, target = cleaned
+    for lab, keep_l, target in _scored_labels(info):
         cat = lab.kind == "categorical"
         stab(
             "probe_acc" if cat else "probe_r2",
@@ -819,12 +806,7 @@ def _umap30_rows(
 
     from medmap.techniques.representation.scores import mean_ci, umap_embedding
 
-    labels = []
-    for lab in info.labels:
-        if lab.kind == "categorical":
-            cleaned = clean_categorical(lab.values)
-            if cleaned is not None:
-                labels.append((lab, *cleaned))
+    labels = [x for x in _scored_labels(info) if x[0].kind == "categorical"]
     cc = None if contrast is None else _contrast_codes(*contrast)
     if not labels:
         return []
