@@ -86,12 +86,13 @@ def test_edit_test_runs_end_to_end_and_is_deterministic(tmp_path):
     # fewer seeds and draws in the same directory reuse the finished edits (not recomputed)
     import medmap.experiments.edit_test as et
 
-    real_unlearn = et.unlearn
+    real = et.unlearn, et.lesion_map
     et.unlearn = lambda *a, **k: pytest.fail("a finished edit was recomputed")
+    et.lesion_map = lambda *a, **k: pytest.fail("a finished seed's lesion map was recomputed")
     try:
         t4, _ = edit_test(m, replace(CFG, seeds=1, draws=1), tmp_path / "a")
     finally:
-        et.unlearn = real_unlearn
+        et.unlearn, et.lesion_map = real
     want = table[(table["seed"] == table["seed"].min()) & (table["draw"] == 0)]
     pd.testing.assert_frame_equal(t4, want.reset_index(drop=True))
     from medmap.experiments.report import edit_test_section

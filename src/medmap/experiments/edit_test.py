@@ -246,25 +246,33 @@ def edit_test(model, cfg: EditTestConfig, out: str | Path | None = None, *, prog
         seed = cfg.seed * 1000 + s
         forget, heldout = split_items(facts, seed)
         retain, ctrl_eval = split_items(controls, seed)
-        m_forget0, m_held0 = margins(model, forget), margins(model, heldout)
-        m_ctrl0 = margins(model, ctrl_eval)
-        plans: list[tuple[str, int, list[int]]] = []
-        if "map" in cfg.choose or "least" in cfg.choose:
-            say(f"seed {s}: lesion map of the forget facts")
-            order = rank_blocks(lesion_map(model, forget, retain, cfg.part, cfg.batch_size))
-            if "map" in cfg.choose:
-                plans.append(("map", 0, sorted(order[: cfg.k])))
-            if "least" in cfg.choose:
-                plans.append(("least", 0, sorted(order[-cfg.k :])))
+        # (choice, draw, blocks); map/least blocks come from the lesion map, computed only when
+        # one of them is not already a finished cell (a rerun with more seeds redoes nothing)
+        plans: list[tuple[str, int, list[int] | None]] = [
+            (c, 0, None) for c in ("map", "least") if c in cfg.choose
+        ]
         if "random" in cfg.choose:
             for d in range(cfg.draws):
                 rng = np.random.default_rng([seed, d])
                 plans.append(("random", d, sorted(int(b) for b in rng.choice(n, cfg.k, False))))
+        path_of = {
+            (c, d): cells / f"edit-s{s}-{c}{d}-{key}.parquet" if cells else None
+            for c, d, _ in plans
+        }
+        todo = [p for p in plans if not (path_of[p[:2]] and path_of[p[:2]].exists())]
+        if todo:
+            m_forget0, m_held0 = margins(model, forget), margins(model, heldout)
+            m_ctrl0 = margins(model, ctrl_eval)
+        if any(b is None for _, _, b in todo):
+            say(f"seed {s}: lesion map of the forget facts")
+            order = rank_blocks(lesion_map(model, forget, retain, cfg.part, cfg.batch_size))
         for choice, draw, blocks in plans:
-            path = cells / f"edit-s{s}-{choice}{draw}-{key}.parquet" if cells else None
-            if path is not None and path.exists():  # finished edit of an interrupted run
+            path = path_of[choice, draw]
+            if (choice, draw, blocks) not in todo:  # finished edit of an earlier run
                 rows.append(pd.read_parquet(path))
                 continue
+            if blocks is None:
+                blocks = sorted(order[: cfg.k] if choice == "map" else order[-cfg.k :])
             say(f"seed {s}: {choice} {draw} blocks {blocks}")
             with restored(mlp_params(model, blocks, cfg.part)):  # only these are trained
                 losses = unlearn(model, blocks, forget, retain, cfg, seed)
