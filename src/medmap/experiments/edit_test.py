@@ -247,7 +247,7 @@ def edit_test(model, cfg: EditTestConfig, out: str | Path | None = None, *, prog
         forget, heldout = split_items(facts, seed)
         retain, ctrl_eval = split_items(controls, seed)
         # (choice, draw, blocks); map/least blocks come from the lesion map, computed only when
-        # one of them is not already a finished cell (a rerun with more seeds redoes nothing)
+        # one of them is not a finished cell (a rerun with more seeds redoes no finished seed)
         plans: list[tuple[str, int, list[int] | None]] = [
             (c, 0, None) for c in ("map", "least") if c in cfg.choose
         ]
@@ -259,16 +259,16 @@ def edit_test(model, cfg: EditTestConfig, out: str | Path | None = None, *, prog
             (c, d): cells / f"edit-s{s}-{c}{d}-{key}.parquet" if cells else None
             for c, d, _ in plans
         }
-        todo = [p for p in plans if not (path_of[p[:2]] and path_of[p[:2]].exists())]
-        if todo:
+        done = {cd for cd, path in path_of.items() if path is not None and path.exists()}
+        if len(done) < len(plans):
             m_forget0, m_held0 = margins(model, forget), margins(model, heldout)
             m_ctrl0 = margins(model, ctrl_eval)
-        if any(b is None for _, _, b in todo):
+        if any(b is None and (c, d) not in done for c, d, b in plans):
             say(f"seed {s}: lesion map of the forget facts")
             order = rank_blocks(lesion_map(model, forget, retain, cfg.part, cfg.batch_size))
         for choice, draw, blocks in plans:
             path = path_of[choice, draw]
-            if (choice, draw, blocks) not in todo:  # finished edit of an earlier run
+            if (choice, draw) in done:  # finished edit of an earlier run
                 rows.append(pd.read_parquet(path))
                 continue
             if blocks is None:
